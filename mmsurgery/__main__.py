@@ -1,0 +1,3 @@
+from mmsurgery.cli import _entry
+
+_entry()

@@ -1,0 +1,109 @@
+"""The `mmsurgery` command line: each command parses, calls one library function, and renders the result.
+
+Errors from the library (`MMSurgeryError`) become one red line on stderr and their exit code (2: bad input or
+usage; 1: a failed check). `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mmsurgery import __version__
+from mmsurgery.errors import MMSurgeryError
+
+app = typer.Typer(
+    name="mmsurgery",
+    help="Cross-modal weight surgery (Multimodal Pathway) on transformer checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+_state = {"debug": False}
+
+
+def _stdout() -> Console:
+    """Tables keep their full width when piped or captured (rich would assume 80 columns)."""
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mmsurgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+PathArg = Annotated[
+    Path, typer.Argument(help="A .safetensors file, a sharded index or its folder, or a .pt/.pth/.bin.")
+]
+KeyOpt = Annotated[
+    str | None, typer.Option("--key", help="Take the state dict from this entry of a pickle ('a/b' for nesting).")
+]
+
+
+@app.command()
+def inspect(
+    path: PathArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the documented JSON form on stdout.")] = False,
+    key: KeyOpt = None,
+) -> None:
+    """Show what a checkpoint holds: format, stacks, widths, linear roles, dtypes."""
+    from mmsurgery.describe import describe
+
+    result = describe(path, key=key)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    from mmsurgery import render
+
+    _stdout().print(render.description(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns (and, run as a script, exits with) the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="mmsurgery")  # standalone: usage errors print usage and exit 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except MMSurgeryError as e:
+        if debug:
+            raise
+        from mmsurgery.render import print_error
+
+        print_error(Console(stderr=True, soft_wrap=True), str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line, and a way to see more
+        if debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

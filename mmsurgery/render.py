@@ -1,0 +1,87 @@
+"""Rich renderings of mmsurgery's typed results. Only the CLI imports this module."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from mmsurgery.describe import Description
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def description(d: Description) -> Group:
+    head = Text.assemble(
+        (str(d.path), "bold"),
+        f"\n{d.format} · {human_bytes(d.file_size)} in {len(d.files)} file(s) · {d.num_tensors} tensors · ",
+        (f"{d.num_params:,}", "bold"),
+        " parameters",
+    )
+    dtypes = ", ".join(f"{name} {t} tensors ({human_count(n)})" for name, (t, n) in d.dtypes.items())
+    parts: list[object] = [head, Text(f"dtypes: {dtypes}")]
+    if d.unwrap_path or d.ignored or d.alternatives:
+        taken = "/".join(d.unwrap_path) or "(top level)"
+        line = f"state dict taken from: {taken}"
+        if d.alternatives:
+            line += f"; also present, not taken: {', '.join(d.alternatives)} (use --key)"
+        if d.ignored:
+            line += f"; ignored non-tensor entries: {', '.join(sorted(d.ignored))}"
+        parts.append(Text(line, style="dim"))
+    table = Table(title="transformer block stacks", title_justify="left", show_edge=False)
+    for col in ("prefix", "family", "depth", "width", "MLP", "q/k/v", "norm", "bias", "params", ""):
+        table.add_column(col, justify="right" if col in ("depth", "width", "MLP", "params") else "left")
+    for s in d.stacks:
+        flags = [
+            "default" if d.default_stack is s else "",
+            "decoder" if s.decoder else "",
+            "EMA" if s.ema else "",
+            "gated MLP" if s.gated_mlp else "",
+            "Conv1D" if s.orientation == "conv1d" else "",
+        ]
+        table.add_row(
+            s.prefix,
+            s.family,
+            str(s.depth),
+            str(s.width or "?"),
+            str(s.mlp_width or "-"),
+            s.qkv,
+            s.norm,
+            s.bias,
+            human_count(s.num_params),
+            " ".join(f for f in flags if f),
+        )
+    parts.append(table)
+    shown = d.default_stack or d.stacks[0]
+    roles = Table(
+        title=f"linears of {shown.blocks[0].prefix}* (every block alike)", title_justify="left", show_edge=False
+    )
+    for col in ("role", "key", "shape", "bias"):
+        roles.add_column(col)
+    for lin in shown.blocks[0].linears:
+        roles.add_row(lin.role, lin.key, str(list(lin.shape)), "yes" if lin.bias else "no")
+    parts.append(roles)
+    for s in d.stacks:
+        for note in s.notes:
+            parts.append(Text(f"note ({s.prefix}): {note}", style="yellow"))
+    if d.layout.other:
+        other = ", ".join(f"{g} ({t} tensors, {human_count(p)})" for g, (t, p) in sorted(d.layout.other.items()))
+        parts.append(Text(f"outside the blocks: {other}"))
+    return Group(*parts)
+
+
+def print_error(console: Console, message: str) -> None:
+    console.print(Text("error: ", style="bold red") + Text(message))
