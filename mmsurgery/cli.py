@@ -75,6 +75,61 @@ def inspect(
     _stdout().print(render.description(result))
 
 
+@app.command()
+def pair(
+    target: Annotated[Path, typer.Argument(help="The model to improve (e.g. a ViT checkpoint).")],
+    aux: Annotated[Path, typer.Argument(help="The auxiliary model of another modality.")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Paired output (default: <target stem>.paired.safetensors).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan and the summary counts as JSON.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report; write nothing.")] = False,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Roles to pair, comma-separated: qkv,q,k,v,attn_out,mlp_in,mlp_out.")
+    ] = None,
+    depth: Annotated[str, typer.Option("--depth", help="stretch (default), first, last or index.")] = "stretch",
+    map_file: Annotated[Path | None, typer.Option("--map", help="JSON file of explicit block/linear pairings.")] = None,
+    target_stack: Annotated[str | None, typer.Option("--target-stack", help="Target stack prefix.")] = None,
+    aux_stack: Annotated[str | None, typer.Option("--aux-stack", help="Aux stack prefix.")] = None,
+    target_key: Annotated[str | None, typer.Option("--target-key", help="Wrapper entry of a target pickle.")] = None,
+    aux_key: Annotated[str | None, typer.Option("--aux-key", help="Wrapper entry of an aux pickle.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Any skipped linear is an error.")] = False,
+    init_scale: Annotated[float, typer.Option("--init-scale", help="Initial λ of every pathway.")] = 0.0,
+    heads: Annotated[int | None, typer.Option("--heads", help="Attention heads of a ViT target (metadata).")] = None,
+    shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Align TARGET's block linears with AUX's and write a paired checkpoint (W, W_aux and λ per linear)."""
+    from mmsurgery.pairing import pair as run_pair
+
+    result = run_pair(
+        target,
+        aux,
+        out,
+        roles=[r.strip() for r in layers.split(",") if r.strip()] if layers else None,
+        depth=depth,
+        map_file=map_file,
+        target_stack=target_stack,
+        aux_stack=aux_stack,
+        target_key=target_key,
+        aux_key=aux_key,
+        strict=strict,
+        init_scale=init_scale,
+        heads=heads,
+        force=force,
+        shard_size=shard_size,
+        dry_run=dry_run,
+    )
+    if as_json:
+        data = result.plan.to_json()
+        data["output"] = str(result.output) if result.output else None
+        print(json.dumps(data, indent=2))
+        return
+    from mmsurgery import render
+
+    _stdout().print(render.plan(result.plan, result.output))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and, run as a script, exits with) the exit code."""
     args = sys.argv[1:] if argv is None else argv

@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mmsurgery.describe import Description
+from mmsurgery.pairing.plan import Plan
 
 
 def human_bytes(n: int) -> str:
@@ -80,6 +81,68 @@ def description(d: Description) -> Group:
     if d.layout.other:
         other = ", ".join(f"{g} ({t} tensors, {human_count(p)})" for g, (t, p) in sorted(d.layout.other.items()))
         parts.append(Text(f"outside the blocks: {other}"))
+    return Group(*parts)
+
+
+def keys(names: tuple[str, ...] | list[str]) -> str:
+    """`a.q.weight, a.k.weight, a.v.weight` -> `a.{q,k,v}.weight`."""
+    if len(names) < 2:
+        return names[0] if names else "-"
+    parts = [n.split(".") for n in names]
+    head = 0
+    while all(len(p) > head + 1 and p[head] == parts[0][head] for p in parts):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
+        tail += 1
+    middles = [".".join(p[head : len(p) - tail]) for p in parts]
+    return ".".join([*parts[0][:head], "{" + ",".join(middles) + "}", *parts[0][len(parts[0]) - tail :]])
+
+
+def plan(p: Plan, output: object = None) -> Group:
+    table = Table(show_edge=False)
+    for col in ("target layer", "aux layer", "transform", "shape", "status"):
+        table.add_column(col)
+    roles = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+    rows = sorted(
+        [
+            (
+                x.target_block,
+                roles.index(x.role),
+                x.target_key,
+                keys(x.aux_keys),
+                x.transform.describe(),
+                x.target_shape,
+                "paired",
+            )
+            for x in p.pairs
+        ]
+        + [
+            (
+                s.target_block,
+                roles.index(s.role) if s.role in roles else 9,
+                s.target_key,
+                keys(s.aux_keys),
+                "-",
+                s.target_shape,
+                f"skipped: {s.reason}",
+            )
+            for s in p.skips
+        ]
+    )
+    for _, _, key, aux, transform, shape, status in rows:
+        style = "" if status == "paired" else "yellow"
+        table.add_row(key, aux, transform, str(list(shape)), status, style=style)
+    parts: list[object] = [
+        Text(
+            f"target {p.target.path} ({p.target.family}, {p.target.stack}) <- aux {p.aux.path} ({p.aux.family}, {p.aux.stack})"
+        ),
+        table,
+    ]
+    for w in p.warnings:
+        parts.append(Text(f"warning: {w}", style="yellow"))
+    parts.append(Text(p.summary, style="bold"))
+    parts.append(Text(f"wrote {output}" if output else "dry run: nothing written", style="dim"))
     return Group(*parts)
 
 

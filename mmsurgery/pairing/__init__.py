@@ -1,0 +1,75 @@
+"""Pairing: align a target's block linears with an auxiliary model's, and write the paired checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmsurgery.checkpoint.reader import open_checkpoint
+from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_map
+from mmsurgery.pairing.paired import PairedWrite, default_output, write_paired
+from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
+from mmsurgery.pairing.transforms import Transform
+
+__all__ = [
+    "DEFAULT_ROLES",
+    "DEPTH_POLICIES",
+    "Pair",
+    "PairResult",
+    "Plan",
+    "Skip",
+    "Source",
+    "Transform",
+    "align",
+    "depth_map",
+    "pair",
+]
+
+
+@dataclass(frozen=True)
+class PairResult:
+    plan: Plan
+    output: Path | None  # None for a dry run
+    written: PairedWrite | None
+
+
+def pair(
+    target: str | os.PathLike[str],
+    aux: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    roles: Sequence[str] | None = None,
+    depth: str = "stretch",
+    map_file: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    target_stack: str | None = None,
+    aux_stack: str | None = None,
+    target_key: str | None = None,
+    aux_key: str | None = None,
+    strict: bool = False,
+    init_scale: float = 0.0,
+    heads: int | None = None,
+    force: bool = False,
+    shard_size: int | str | None = None,
+    dry_run: bool = False,
+) -> PairResult:
+    """Align `target` with `aux` and (unless `dry_run`) write the paired checkpoint to `out`
+    (default: `<target stem>.paired.safetensors` beside the target)."""
+    with open_checkpoint(target, key=target_key) as t, open_checkpoint(aux, key=aux_key) as a:
+        plan = align(
+            t,
+            a,
+            roles=roles,
+            depth=depth,
+            map_file=map_file,
+            target_stack=target_stack,
+            aux_stack=aux_stack,
+            strict=strict,
+        )
+        if dry_run:
+            return PairResult(plan, None, None)
+        dest = Path(out) if out is not None else default_output(t.path)
+        written = write_paired(plan, t, a, dest, init_scale=init_scale, heads=heads, force=force, shard_size=shard_size)
+        return PairResult(plan, written.result.path, written)

@@ -1,0 +1,244 @@
+"""Alignment: which auxiliary linear (and transform) feeds each target block linear, decided from headers only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmsurgery.checkpoint.reader import Checkpoint
+from mmsurgery.errors import BadInputError, PairingError
+from mmsurgery.layout.detect import Block, Linear, Stack, choose_stack, detect
+from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
+from mmsurgery.pairing.transforms import Transform
+
+DEPTH_POLICIES = ("stretch", "first", "last", "index")
+DEFAULT_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_out")  # the paper's four; "qkv" means q/k/v on a split target
+SELECTABLE_ROLES = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+_QKV_PART = {"q": 0, "k": 1, "v": 2}
+
+
+def depth_map(target_depth: int, aux_depth: int, policy: str) -> list[int | None]:
+    """Target block i <- aux block depth_map[i]; None leaves the target block without a pathway.
+
+    stretch: ⌊(i + ½)·L_aux / L_target⌋ — relative depth kept, the identity when depths match.
+    first: i (M2PT's `zip`); last: i - L_target + L_aux (output ends aligned); index: i, equal depths only.
+    """
+    lt, la = target_depth, aux_depth
+    if policy == "stretch":
+        return [min(la - 1, (2 * i + 1) * la // (2 * lt)) for i in range(lt)]
+    if policy == "first":
+        return [i if i < la else None for i in range(lt)]
+    if policy == "last":
+        return [i - lt + la if 0 <= i - lt + la < la else None for i in range(lt)]
+    if policy == "index":
+        if lt != la:
+            raise PairingError(f"--depth index needs equal depths, got target {lt} and aux {la}; try --depth stretch")
+        return list(range(lt))
+    raise PairingError(f"unknown depth policy {policy!r}; choose one of {', '.join(DEPTH_POLICIES)}")
+
+
+def sha256_of(files: Sequence[Path]) -> str:
+    """sha256 of a file, or of `name sha256` lines for a sharded set."""
+    digests = []
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        digests.append((f.name, h.hexdigest()))
+    if len(digests) == 1:
+        return digests[0][1]
+    return hashlib.sha256("".join(f"{n} {d}\n" for n, d in sorted(digests)).encode()).hexdigest()
+
+
+def _source(ck: Checkpoint, stack: Stack, hash_inputs: bool) -> Source:
+    digest = sha256_of(ck.files) if hash_inputs else ""
+    return Source(str(ck.path), digest, ck.format, stack.prefix, stack.family, stack.depth, stack.width)
+
+
+def _expand_roles(roles: Sequence[str] | None) -> tuple[str, ...]:
+    chosen = tuple(roles) if roles else DEFAULT_ROLES
+    bad = [r for r in chosen if r not in SELECTABLE_ROLES]
+    if bad:
+        raise PairingError(f"unknown layer role(s) {bad}; choose from {', '.join(SELECTABLE_ROLES)}")
+    return chosen
+
+
+def _wanted(role: str, roles: tuple[str, ...]) -> bool:
+    return role in roles or (role in _QKV_PART and "qkv" in roles)
+
+
+def _propose(lin: Linear, aux: Block, aux_conv1d: bool, target_conv1d: bool) -> tuple[tuple[str, ...], Transform] | str:
+    """The aux key(s) and transform for one target linear, or the reason there is none."""
+    conv = {"aux_conv1d": aux_conv1d, "target_conv1d": target_conv1d}
+    same = aux.get(lin.role)
+    if same is not None:
+        return (same.key,), Transform("copy", **conv)
+    if lin.role == "qkv":
+        parts = [aux.get(r) for r in ("q", "k", "v")]
+        if all(parts):
+            return tuple(p.key for p in parts), Transform("cat_qkv", **conv)  # type: ignore[union-attr]
+    if lin.role in _QKV_PART and (fused := aux.get("qkv")) is not None:
+        return (fused.key,), Transform("chunk_qkv", _QKV_PART[lin.role], **conv)
+    if lin.role.startswith("mlp") and aux.get("mlp_gated") is not None:
+        return "aux block has a gated MLP (not pairable with a plain MLP)"
+    return f"aux block has no {lin.role} linear"
+
+
+def _transform_for_keys(
+    lin: Linear, keys: Sequence[str], aux_linears: Mapping[str, Linear], aux_conv1d: bool, target_conv1d: bool
+) -> Transform | str:
+    """An explicit `--map` entry: infer the transform from the target role and the aux shapes."""
+    shapes = [aux_linears[k].out_features for k in keys]
+    conv = {"aux_conv1d": aux_conv1d, "target_conv1d": target_conv1d}
+    if len(keys) == 3:
+        return Transform("cat_qkv", **conv)
+    if len(keys) == 1 and shapes[0] == 3 * lin.out_features and lin.role in _QKV_PART:
+        return Transform("chunk_qkv", _QKV_PART[lin.role], **conv)
+    if len(keys) == 1:
+        return Transform("copy", **conv)
+    return f"a map entry needs 1 aux key, or 3 (q, k, v) for a fused target; got {len(keys)}"
+
+
+def _load_map(map_file: str | os.PathLike[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    if map_file is None:
+        return {}
+    if isinstance(map_file, Mapping):
+        data: Any = dict(map_file)
+    else:
+        try:
+            data = json.loads(Path(map_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInputError(f"--map {map_file}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict) or not set(data) <= {"blocks", "linears"}:
+        raise BadInputError('--map: expected a JSON object with "blocks" and/or "linears"')
+    return data
+
+
+def align(
+    target: Checkpoint,
+    aux: Checkpoint,
+    *,
+    roles: Sequence[str] | None = None,
+    depth: str = "stretch",
+    map_file: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    target_stack: str | None = None,
+    aux_stack: str | None = None,
+    strict: bool = False,
+    hash_inputs: bool = True,
+) -> Plan:
+    """Pair each target block linear of the chosen roles with its auxiliary counterpart.
+
+    Width mismatches are skipped and reported; `strict` turns any skip into a `PairingError`; nothing paired at
+    all is always a `PairingError`. `map_file` ({"blocks": {"i": j|null}, "linears": {target_key: aux_key |
+    [q, k, v] | null}}) overrides the depth policy and individual pairings.
+    """
+    wanted = _expand_roles(roles)
+    t_stack = choose_stack(detect(target.infos), target_stack, what=f"target {target.path}")
+    a_stack = choose_stack(detect(aux.infos), aux_stack, what=f"aux {aux.path}")
+    overrides = _load_map(map_file)
+    dmap: list[int | None] = depth_map(t_stack.depth, a_stack.depth, depth)
+    for i, j in (overrides.get("blocks") or {}).items():
+        if not (str(i).isdigit() and int(i) < t_stack.depth) or not (
+            j is None or (isinstance(j, int) and 0 <= j < a_stack.depth)
+        ):
+            raise BadInputError(f"--map: block entry {i!r}: {j!r} is out of range ({t_stack.depth} <- {a_stack.depth})")
+        dmap[int(i)] = j
+    aux_blocks = {b.index: b for b in a_stack.blocks}
+    aux_linears = {lin.key: lin for b in a_stack.blocks for lin in b.linears}
+    linear_map: dict[str, Any] = overrides.get("linears") or {}
+    target_linears = {lin.key for b in t_stack.blocks for lin in b.linears}
+    unknown = [k for k in linear_map if k not in target_linears]
+    unknown_aux = [
+        a for v in linear_map.values() for a in ([v] if isinstance(v, str) else v or []) if a not in aux_linears
+    ]
+    if unknown or unknown_aux:
+        raise BadInputError(f"--map: unknown target linear(s) {unknown[:3]} / aux linear(s) {unknown_aux[:3]}")
+    t_conv, a_conv = t_stack.orientation == "conv1d", a_stack.orientation == "conv1d"
+
+    pairs: list[Pair] = []
+    skips: list[Skip] = []
+    for pos, block in enumerate(t_stack.blocks):
+        j = dmap[pos]
+        for lin in block.linears:
+            explicit = lin.key in linear_map
+            if not explicit and not _wanted(lin.role, wanted):
+                continue
+            aux_block = aux_blocks.get(j) if j is not None else None
+
+            def skip(reason: str, keys: tuple[str, ...] = (), shape: tuple[int, ...] | None = None) -> None:
+                skips.append(Skip(lin.key, lin.shape, block.index, lin.role, keys, shape, reason))  # noqa: B023
+
+            if not lin.key.endswith(".weight"):
+                skip("not a module's .weight (e.g. nn.MultiheadAttention in_proj_weight): the pathway cannot attach")
+                continue
+            if explicit:
+                entry = linear_map[lin.key]
+                if entry is None:
+                    skip("skipped by --map")
+                    continue
+                keys = (entry,) if isinstance(entry, str) else tuple(entry)
+                proposal: Any = _transform_for_keys(lin, keys, aux_linears, a_conv, t_conv)
+                proposal = (keys, proposal) if isinstance(proposal, Transform) else proposal
+                aux_index = next((b.index for b in a_stack.blocks if any(x.key == keys[0] for x in b.linears)), None)
+            elif aux_block is None:
+                skip(f"no aux block for target block {block.index} (--depth {depth})")
+                continue
+            else:
+                proposal = _propose(lin, aux_block, a_conv, t_conv)
+                aux_index = aux_block.index
+            if isinstance(proposal, str):
+                skip(proposal)
+                continue
+            keys, transform = proposal
+            got = transform.out_shape([aux_linears[k].shape for k in keys])
+            if got != lin.shape:
+                skip(_mismatch(lin, got, t_conv), keys, got)
+                continue
+            pairs.append(Pair(lin.key, lin.shape, block.index, lin.role, keys, aux_index, transform))
+
+    plan = Plan(
+        target=_source(target, t_stack, hash_inputs),
+        aux=_source(aux, a_stack, hash_inputs),
+        depth_policy="map" if overrides.get("blocks") else depth,
+        depth_map=tuple(dmap),
+        roles=wanted,
+        pairs=tuple(pairs),
+        skips=tuple(skips),
+        warnings=tuple(_warnings(t_stack, a_stack, pairs)),
+        map_file=None if map_file is None or isinstance(map_file, Mapping) else str(map_file),
+    )
+    if not pairs:
+        first = skips[0].reason if skips else "no linears of the chosen roles"
+        raise PairingError(f"nothing paired: {len(skips)} linears skipped (first: {first}); {plan.summary}")
+    if strict and skips:
+        s = skips[0]
+        raise PairingError(f"--strict: {len(skips)} linear(s) skipped, first {s.target_key}: {s.reason}")
+    return plan
+
+
+def _mismatch(lin: Linear, got: tuple[int, ...], conv1d: bool) -> str:
+    g_out, g_in = (got[1], got[0]) if conv1d else got
+    parts = []
+    if g_in != lin.in_features:
+        parts.append(f"in {lin.in_features}≠{g_in}")
+    if g_out != lin.out_features:
+        parts.append(f"out {lin.out_features}≠{g_out}")
+    return f"shape mismatch {list(lin.shape)} vs aux {list(got)} ({', '.join(parts)})"
+
+
+def _warnings(t: Stack, a: Stack, pairs: Sequence[Pair]) -> list[str]:
+    out = []
+    if t.norm != a.norm and "unknown" not in (t.norm, a.norm):
+        out.append(f"norm placement differs: target {t.norm}-norm, aux {a.norm}-norm (shapes match; semantics differ)")
+    reused = Counter(p.aux_block for p in pairs if p.role in ("qkv", "q", "attn_out"))
+    if any(n > 1 for n in reused.values()):
+        out.append("some aux blocks feed several target blocks; each target linear gets its own copy of W_aux")
+    if a.ema or a.decoder:
+        out.append(f"aux stack {a.prefix} is a {'decoder' if a.decoder else 'EMA copy'}")
+    return out

@@ -1,0 +1,89 @@
+"""Writing the paired checkpoint: every target tensor unchanged, plus `<linear>.aux_weight` (already in the
+target's layout and dtype) and `<linear>.cross_modal_scale` (λ) per paired linear, streamed one tensor at a time.
+
+Those key names are what `model.state_dict()` shows with the pathway attached (mmsurgery.pathway), and the
+names M2PT's own `CrossModalReparamLinear` saves, so the file loads with a strict `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmsurgery import __version__
+from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
+from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
+from mmsurgery.errors import BadInputError
+from mmsurgery.pairing.plan import Plan
+
+FORMAT_KEY = "mmsurgery.format"
+PLAN_KEY = "mmsurgery.plan"
+VERSION_KEY = "mmsurgery.version"
+VIT_KEY = "mmsurgery.vit"  # the built-in ViT's config (models.vit.METADATA_KEY)
+PAIRED_FORMAT = "paired/1"
+
+
+@dataclass(frozen=True)
+class PairedWrite:
+    result: WriteResult
+    metadata: dict[str, str]
+
+
+def default_output(target: Path) -> Path:
+    """`<target stem>.paired.safetensors` beside the target (`model.safetensors.index.json` -> `model.paired...`)."""
+    name = target.name.removesuffix(".index.json")
+    return target.with_name(Path(name).stem + ".paired.safetensors")
+
+
+def vit_metadata(target: Checkpoint, heads: int | None) -> str | None:
+    """The built-in ViT config of a timm-named ViT target (heads: `heads`, else the target's own metadata, else
+    the head-dim-64 rule of `models.vit.config_from_state_dict`); None when the target is not such a ViT."""
+    from mmsurgery.models.vit import config_from_state_dict
+
+    shapes = {name: info.shape for name, info in target.infos.items()}
+    try:
+        return json.dumps(config_from_state_dict(shapes, num_heads=heads, metadata=target.metadata).to_dict())
+    except BadInputError:
+        if heads is not None:
+            raise
+        return None
+
+
+def write_paired(
+    plan: Plan,
+    target: Checkpoint,
+    aux: Checkpoint,
+    out: str | os.PathLike[str],
+    *,
+    init_scale: float = 0.0,
+    heads: int | None = None,
+    force: bool = False,
+    shard_size: int | str | None = None,
+) -> PairedWrite:
+    import torch
+
+    clash = [p.aux_weight_key for p in plan.pairs if p.aux_weight_key in target.infos]
+    if clash:
+        raise BadInputError(f"{target.path} already holds pathway tensors (e.g. {clash[0]}): it is already paired")
+    specs = list(target.infos.values())
+    for p in plan.pairs:
+        dtype = target.infos[p.target_key].dtype
+        specs.append(TensorInfo(p.aux_weight_key, dtype, p.target_shape))
+        specs.append(TensorInfo(p.scale_key, dtype, (1,)))
+    metadata = {k: v for k, v in target.metadata.items() if not k.startswith("mmsurgery.")}
+    metadata |= {FORMAT_KEY: PAIRED_FORMAT, VERSION_KEY: __version__, PLAN_KEY: plan.dumps()}
+    metadata["mmsurgery.init_scale"] = repr(float(init_scale))
+    vit = vit_metadata(target, heads)
+    if vit is not None:
+        metadata[VIT_KEY] = vit
+    inputs = [*target.files, *aux.files]
+    with SafetensorsWriter(out, specs, metadata=metadata, shard_size=shard_size, force=force, inputs=inputs) as w:
+        for name in target.infos:
+            w.write(name, target.get(name))
+        for p in plan.pairs:
+            dtype = target.get(p.target_key).dtype
+            w.write(p.aux_weight_key, p.transform.apply([aux.get(k) for k in p.aux_keys], dtype=dtype))
+            w.write(p.scale_key, torch.full((1,), float(init_scale), dtype=dtype))
+        return PairedWrite(w.commit(), metadata)

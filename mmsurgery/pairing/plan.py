@@ -1,0 +1,167 @@
+"""The pairing plan: a typed record of every pairing decision, with a JSON form that travels in the paired file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mmsurgery.pairing.transforms import Transform
+
+SCHEMA = "mmsurgery.plan/1"
+AUX_SUFFIX = "aux_weight"  # M2PT's names: <linear>.aux_weight and <linear>.cross_modal_scale
+SCALE_SUFFIX = "cross_modal_scale"
+
+
+def module_path(weight_key: str) -> str:
+    """`blocks.0.attn.qkv.weight` -> `blocks.0.attn.qkv` (the module that carries the pathway)."""
+    return weight_key.removesuffix(".weight")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    sha256: str
+    format: str
+    stack: str
+    family: str
+    depth: int
+    width: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Pair:
+    target_key: str
+    target_shape: tuple[int, ...]
+    target_block: int
+    role: str
+    aux_keys: tuple[str, ...]
+    aux_block: int | None
+    transform: Transform
+
+    @property
+    def module(self) -> str:
+        return module_path(self.target_key)
+
+    @property
+    def aux_weight_key(self) -> str:
+        return f"{self.module}.{AUX_SUFFIX}"
+
+    @property
+    def scale_key(self) -> str:
+        return f"{self.module}.{SCALE_SUFFIX}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target_key,
+            "target_shape": list(self.target_shape),
+            "target_block": self.target_block,
+            "role": self.role,
+            "aux": list(self.aux_keys),
+            "aux_block": self.aux_block,
+            "transform": self.transform.describe(),
+            "transform_spec": self.transform.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Pair:
+        return cls(
+            d["target"],
+            tuple(d["target_shape"]),
+            d["target_block"],
+            d["role"],
+            tuple(d["aux"]),
+            d["aux_block"],
+            Transform.from_json(d["transform_spec"]),
+        )
+
+
+@dataclass(frozen=True)
+class Skip:
+    target_key: str
+    target_shape: tuple[int, ...]
+    target_block: int
+    role: str
+    aux_keys: tuple[str, ...]
+    aux_shape: tuple[int, ...] | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target_key,
+            "target_shape": list(self.target_shape),
+            "target_block": self.target_block,
+            "role": self.role,
+            "aux": list(self.aux_keys),
+            "aux_shape": list(self.aux_shape) if self.aux_shape else None,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: Source
+    aux: Source
+    depth_policy: str
+    depth_map: tuple[int | None, ...]  # target block i <- aux block depth_map[i] (None: not paired)
+    roles: tuple[str, ...]
+    pairs: tuple[Pair, ...]
+    skips: tuple[Skip, ...]
+    warnings: tuple[str, ...] = ()
+    map_file: str | None = None
+
+    @property
+    def summary(self) -> str:
+        n = len(self.pairs) + len(self.skips)
+        return (
+            f"{len(self.pairs)} of {n} linears paired, {len(self.skips)} skipped; "
+            f"depth {self.target.depth} <- {self.aux.depth} ({self.depth_policy})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "target": self.target.to_json(),
+            "aux": self.aux.to_json(),
+            "depth_policy": self.depth_policy,
+            "depth_map": list(self.depth_map),
+            "roles": list(self.roles),
+            "map_file": self.map_file,
+            "paired": len(self.pairs),
+            "skipped": len(self.skips),
+            "summary": self.summary,
+            "pairs": [p.to_json() for p in self.pairs],
+            "skips": [s.to_json() for s in self.skips],
+            "warnings": list(self.warnings),
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Plan:
+        return cls(
+            Source(**d["target"]),
+            Source(**d["aux"]),
+            d["depth_policy"],
+            tuple(d["depth_map"]),
+            tuple(d["roles"]),
+            tuple(Pair.from_json(p) for p in d["pairs"]),
+            tuple(
+                Skip(
+                    s["target"],
+                    tuple(s["target_shape"]),
+                    s["target_block"],
+                    s["role"],
+                    tuple(s["aux"]),
+                    tuple(s["aux_shape"]) if s["aux_shape"] else None,
+                    s["reason"],
+                )
+                for s in d["skips"]
+            ),
+            tuple(d.get("warnings", ())),
+            d.get("map_file"),
+        )
