@@ -62,11 +62,18 @@ def inspect(
     path: PathArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print the documented JSON form on stdout.")] = False,
     key: KeyOpt = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Draw λ per layer of a paired checkpoint to a PNG (matplotlib).")
+    ] = None,
 ) -> None:
-    """Show what a checkpoint holds: format, stacks, widths, linear roles, dtypes."""
+    """Show what a checkpoint holds: format, stacks, widths, linear roles, dtypes; λ per layer when paired."""
     from mmsurgery.describe import describe
 
     result = describe(path, key=key)
+    if plot is not None:
+        from mmsurgery.plotting import plot_scales
+
+        plot_scales(result, plot)
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return
@@ -128,6 +135,30 @@ def pair(
     from mmsurgery import render
 
     _stdout().print(render.plan(result.plan, result.output))
+
+
+@app.command()
+def fold(
+    paired: Annotated[Path, typer.Argument(help="A (trained) paired checkpoint: safetensors, sharded, or .pt.")],
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="Plain output (default: <stem>.plain.safetensors beside it).")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, bfloat16 or float16.")] = "keep",
+    shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,
+    key: KeyOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Fold every pathway into a plain weight, W + λ·W_aux, streaming; the output has the plain model's keys."""
+    from mmsurgery.fold import fold_file
+
+    result = fold_file(paired, out, dtype=dtype, shard_size=shard_size, force=force, key=key)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    from mmsurgery import render
+
+    _stdout().print(render.fold_result(result))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import NoTransformerBlocksError
 from mmsurgery.layout.detect import Layout, Stack, default_stack, detect
+from mmsurgery.pairing.paired import pathway_layers, read_scales
 
 SCHEMA = "mmsurgery.inspect/1"
 
@@ -30,6 +31,7 @@ class Description:
     alternatives: tuple[str, ...]
     ignored: dict[str, str]
     metadata: dict[str, str]
+    scales: dict[str, float] | None = None  # λ per pathway layer of a paired checkpoint
 
     @property
     def stacks(self) -> tuple[Stack, ...]:
@@ -56,6 +58,9 @@ class Description:
             "default_stack": default,
             "stacks": [{**s.to_json(), "default": s.prefix == default} for s in self.layout.stacks],
             "other": {g: {"tensors": t, "params": p} for g, (t, p) in self.layout.other.items()},
+            "pathway": None
+            if self.scales is None
+            else {"layers": [{"layer": k, "scale": v} for k, v in self.scales.items()]},
         }
 
 
@@ -84,7 +89,13 @@ def describe_checkpoint(ck: Checkpoint) -> Description:
         alternatives=ck.alternatives,
         ignored=dict(ck.ignored),
         metadata=dict(ck.metadata),
+        scales=_scales(ck),
     )
+
+
+def _scales(ck: Checkpoint) -> dict[str, float] | None:
+    layers = pathway_layers(ck)
+    return read_scales(ck, layers) if layers else None
 
 
 def describe(path: str | os.PathLike[str], key: str | None = None) -> Description:

@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mmsurgery.describe import Description
+from mmsurgery.fold import FoldResult
 from mmsurgery.pairing.plan import Plan
 
 
@@ -78,6 +79,8 @@ def description(d: Description) -> Group:
     for s in d.stacks:
         for note in s.notes:
             parts.append(Text(f"note ({s.prefix}): {note}", style="yellow"))
+    if d.scales:
+        parts.append(scale_chart(d))
     if d.layout.other:
         other = ", ".join(f"{g} ({t} tensors, {human_count(p)})" for g, (t, p) in sorted(d.layout.other.items()))
         parts.append(Text(f"outside the blocks: {other}"))
@@ -146,5 +149,110 @@ def plan(p: Plan, output: object = None) -> Group:
     return Group(*parts)
 
 
+def scale_chart(d: Description, width: int = 12) -> Table:
+    """λ per pathway layer as a bar chart, one row per block and one column per linear role: which layers use
+    the auxiliary pathway, and how much (bars scaled to the largest |λ|; green positive, red negative)."""
+    scales = d.scales or {}
+    peak = max((abs(v) for v in scales.values()), default=0.0) or 1.0
+    where = {
+        lin.key.removesuffix(".weight"): (b.prefix, lin.role) for s in d.stacks for b in s.blocks for lin in b.linears
+    }
+    order = [b.prefix for s in d.stacks for b in s.blocks]
+    cells: dict[str, dict[str, float]] = {}
+    for layer, value in scales.items():
+        block, role = where.get(layer, (layer, "λ"))
+        cells.setdefault(block, {})[role] = value
+    roles = [
+        r for r in ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "λ") if any(r in c for c in cells.values())
+    ]
+    table = Table(
+        title=f"λ per layer: {len(scales)} pathways, bars scaled to max |λ| = {peak:.3g}",
+        title_justify="left",
+        show_edge=False,
+    )
+    table.add_column("block")
+    for role in roles:
+        table.add_column(role)
+    for block, row in sorted(cells.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        rendered = []
+        for role in roles:
+            if role not in row:
+                rendered.append(Text("-", style="dim"))
+                continue
+            v = row[role]
+            bar = "█" * round(abs(v) / peak * width)
+            rendered.append(
+                Text(f"{v:+.3f} ", style="bold") + Text(bar.ljust(width, "·"), style="green" if v >= 0 else "red")
+            )
+        table.add_row(block.rstrip("."), *rendered)
+    return table
+
+
+def fold_result(r: FoldResult) -> Text:
+    if r.already_plain:
+        return Text(f"{r.source} holds no pathway tensors: already plain, nothing written", style="bold")
+    size = human_bytes(r.written.total_size) if r.written else "0 B"
+    lam = ", ".join(f"{v:+.3g}" for v in list(r.scales.values())[:4])
+    more = ", ..." if len(r.scales) > 4 else ""
+    return Text.assemble(
+        (f"folded {len(r.scales)} pathways", "bold"),
+        f" (λ {lam}{more}) into {r.num_tensors} plain tensors, {size}\n",
+        f"wrote {r.output}\nsource sha256 {r.sha256}",
+    )
+
+
 def print_error(console: Console, message: str) -> None:
     console.print(Text("error: ", style="bold red") + Text(message))
+
+
+# `mmsurgery verify`. Its types are imported for type checking only: importing mmsurgery.verify loads torch, and
+# the other commands (inspect on a safetensors file) must not.
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from mmsurgery.verify.report import Report
+
+_VERIFY_STATUS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "skip": ("skip", "dim")}
+_VERIFY_NUMBERS = {
+    "keys": (("plain_keys", "keys"), ("leftover_pathway_count", "leftover pathway")),
+    "fold": (("max_abs", "max abs"), ("max_rel", "max rel"), ("pathway_effect_max_abs", "pathway effect")),
+    "onnx": (("max_abs", "max abs"), ("max_rel", "max rel"), ("export_seconds", "export s")),
+    "cost": (("params", "params"), ("flops", "FLOPs"), ("node_count", "nodes")),
+    "latency": (("ratio", "ratio"), ("median_ms", "ms"), ("reference_median_ms", "ref ms")),
+}
+
+
+def _verify_number(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return human_count(value) if value >= 10**4 else str(value)
+    return f"{value:.3g}"
+
+
+def verify_report(report: Report) -> Group:
+    """The stage table (stage, status, seconds, key numbers, message) and one verdict line."""
+    table = Table(show_edge=False)
+    for col in ("stage", "status", "s", "numbers", "message"):
+        table.add_column(col, justify="right" if col == "s" else "left", overflow="fold")
+    for s in report.stages:
+        label, style = _VERIFY_STATUS[s.status]
+        shown = [
+            f"{name} {_verify_number(s.numbers[key])}"
+            for key, name in _VERIFY_NUMBERS.get(s.name, ())
+            if s.numbers.get(key) is not None
+        ]
+        table.add_row(
+            s.name,
+            Text(label, style=style),
+            f"{s.seconds:.1f}",
+            ", ".join(shown) or "-",
+            Text(s.message, style="red" if s.status == "fail" else ""),
+        )
+    counts = {st: sum(s.status == st for s in report.stages) for st in ("pass", "fail", "skip")}
+    tally = f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped in {report.seconds:.1f} s"
+    if report.passed:
+        verdict = Text.assemble(("PASSED", "bold green"), f": {tally}")
+    else:
+        verdict = Text.assemble(("FAILED", "bold red"), f" ({', '.join(report.failed)}): {tally}")
+    return Group(Text(f"mmsurgery verify {report.inputs.get('plain')}", style="bold"), table, verdict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -68,7 +69,9 @@ def test_vit_small_from_real_minilm_fused_from_split(tmp_path, minilm_path) -> N
             )
         meta = f.metadata()
     plan = json.loads(meta["mmsurgery.plan"])
-    assert plan["aux"]["family"] == "bert" and len(plan["aux"]["sha256"]) == 64 and plan["paired"] == 48
+    assert plan["aux"]["family"] == "bert" and plan["paired"] == 48
+    assert plan["aux"]["sha256"] == hashlib.sha256(minilm_path.read_bytes()).hexdigest()  # patched in at commit
+    assert res.plan.aux.sha256 == plan["aux"]["sha256"]
     assert json.loads(meta["mmsurgery.vit"])["num_heads"] == 6  # the head-dim-64 rule for width 384
     assert any("post-norm" in w for w in plan["warnings"])
 

@@ -16,7 +16,7 @@ from typing import Any
 from mmsurgery.checkpoint.dtypes import FLOATING, torch_dtype_name
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
 from mmsurgery.checkpoint.pickled import load_pickle
-from mmsurgery.checkpoint.safetensors_header import read_header
+from mmsurgery.checkpoint.safetensors_header import decode_floats, read_header
 from mmsurgery.errors import BadInputError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
@@ -87,6 +87,12 @@ class Checkpoint:
             raise KeyError(name)
         return self._loader.get(name)
 
+    def read_floats(self, name: str) -> list[float]:
+        """Values of a small floating-point tensor (λ), without importing torch for safetensors files."""
+        if name not in self.infos:
+            raise KeyError(name)
+        return self._loader.read_floats(name)
+
     def items(self) -> Iterator[tuple[str, Any]]:
         """Tensors one at a time, in file order, so a caller can stream a model without holding it whole."""
         for name in self.infos:
@@ -118,32 +124,65 @@ class _Loader:
     def get(self, name: str) -> Any:
         raise NotImplementedError
 
+    def read_floats(self, name: str) -> list[float]:
+        return [float(v) for v in self.get(name).float().reshape(-1).tolist()]
+
     def close(self) -> None:
         pass
 
 
 class _SafetensorsLoader(_Loader):
-    """Opens each shard with `safe_open` on first use; `source` maps a normalised name to (file, raw name)."""
+    """Reads each tensor with `pread` into a fresh, owned buffer, at the offsets the validated header gives.
 
-    def __init__(self, source: dict[str, tuple[Path, str]]) -> None:
+    Not memory-mapped on purpose: a streamed command's resident memory stays near the tensors it holds (mapped
+    pages would count in RSS), and returned tensors are ordinary writable tensors (no copy-on-write traps).
+    `source` maps a normalised name to (file, raw name).
+    """
+
+    def __init__(self, source: dict[str, tuple[Path, str]], headers: dict[Path, Any]) -> None:
         self._source = source
-        self._handles: dict[Path, Any] = {}
+        self._headers = headers
+        self._fds: dict[Path, int] = {}
+
+    def _read(self, name: str) -> tuple[bytes | None, Any, Any]:
+        file, raw = self._source[name]
+        header = self._headers[file]
+        return header, header.entries[raw], file
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
 
     def get(self, name: str) -> Any:
-        file, raw = self._source[name]
-        handle = self._handles.get(file)
-        if handle is None:
-            from safetensors import safe_open
+        import torch
 
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as e:
-                raise BadInputError(f"{file}: cannot be read as safetensors ({e})") from None
-            self._handles[file] = handle
-        return handle.get_tensor(raw)
+        header, entry, file = self._read(name)
+        n = entry.end - entry.begin
+        buf = torch.empty(n, dtype=torch.uint8)
+        if n:
+            _pread_into(self._fd(file), memoryview(buf.numpy()), header.data_start + entry.begin, file)
+        return buf.view(getattr(torch, entry.dtype)).reshape(entry.shape)
+
+    def read_floats(self, name: str) -> list[float]:
+        header, entry, file = self._read(name)
+        raw = os.pread(self._fd(file), entry.end - entry.begin, header.data_start + entry.begin)
+        return decode_floats(raw, entry.dtype)
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise BadInputError(f"{file}: truncated while reading (the file changed after its header was read?)")
+        done += got
 
 
 class _DictLoader(_Loader):
@@ -210,7 +249,7 @@ def _open_safetensors(p: Path) -> Checkpoint:
     stripped = strip_prefixes({n: n for n in names})
     infos = {short: _info(short, header.entries[raw]) for short, raw in stripped.items()}
     source = {short: (p, raw) for short, raw in stripped.items()}
-    return Checkpoint(p, "safetensors", [p], infos, header.metadata, _SafetensorsLoader(source))
+    return Checkpoint(p, "safetensors", [p], infos, header.metadata, _SafetensorsLoader(source, {p: header}))
 
 
 def _info(name: str, entry: Any) -> TensorInfo:
@@ -238,8 +277,9 @@ def _open_sharded(index: Path, key: str | None) -> Checkpoint:
     infos: dict[str, TensorInfo] = {}
     source: dict[str, tuple[Path, str]] = {}
     metadata: dict[str, str] = {}
+    headers = {}
     for f in files:
-        header = read_header(f)
+        header = headers[f] = read_header(f)
         metadata.update(header.metadata)
         for raw, entry in header.entries.items():
             if weight_map.get(raw) != f.name:
@@ -252,7 +292,7 @@ def _open_sharded(index: Path, key: str | None) -> Checkpoint:
     stripped = strip_prefixes({n: n for n in infos})
     infos = {short: TensorInfo(short, infos[raw].dtype, infos[raw].shape) for short, raw in stripped.items()}
     source = {short: source[raw] for short, raw in stripped.items()}
-    return Checkpoint(index, "safetensors-sharded", files, infos, metadata, _SafetensorsLoader(source))
+    return Checkpoint(index, "safetensors-sharded", files, infos, metadata, _SafetensorsLoader(source, headers))
 
 
 def _open_pickle(p: Path, key: str | None) -> Checkpoint:

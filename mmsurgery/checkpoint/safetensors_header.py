@@ -94,3 +94,17 @@ def _check_coverage(entries: dict[str, HeaderEntry], data_len: int, where: str) 
         pos = e.end
     if pos != data_len:
         raise BadInputError(f"{where}: {data_len - pos} unexpected bytes after the last tensor")
+
+
+_STRUCT = {"float32": "f", "float64": "d", "float16": "e"}
+
+
+def decode_floats(raw: bytes, dtype: str) -> list[float]:
+    """Little-endian tensor bytes → Python floats, for the few small tensors read without torch (λ)."""
+    if dtype == "bfloat16":
+        halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+        return [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+    if dtype not in _STRUCT:
+        raise BadInputError(f"cannot read {dtype} values as floats")
+    code = _STRUCT[dtype]
+    return list(struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw))

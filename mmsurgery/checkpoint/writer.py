@@ -77,6 +77,7 @@ class SafetensorsWriter:
         path = Path(path)
         folder, stem = (path, "model") if path.is_dir() or path.suffix != ".safetensors" else (path.parent, path.stem)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._original_metadata = dict(self.metadata)
         limit = parse_size(shard_size) if shard_size is not None else None
         groups = _plan_shards(specs, limit)
         n = len(groups)
@@ -118,10 +119,14 @@ class SafetensorsWriter:
         self._file.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(_uint8()).numpy()))
         self._pos += 1
 
-    def commit(self) -> WriteResult:
+    def commit(self, patch: Mapping[str, str] | None = None) -> WriteResult:
+        """Rename every file into place. `patch` replaces placeholder strings in the metadata (each with a
+        string of the same length, e.g. a digest computed while the tensors streamed) before anything is renamed."""
         if self._pos != len(self._order):
             raise ValueError(f"{len(self._order) - self._pos} tensor(s) were never written")
         self._close_file()
+        if patch:
+            self._patch_headers(patch)
         for temp, target in zip(self._temps, self.targets, strict=True):
             os.replace(temp, target)
         if self.index is not None:
@@ -131,6 +136,23 @@ class SafetensorsWriter:
         _fsync_dir(self.targets[0].parent)
         self._committed = True
         return WriteResult(tuple(self.targets), self.index, self.total_size)
+
+    def _patch_headers(self, patch: Mapping[str, str]) -> None:
+        for old, new in patch.items():
+            if len(old) != len(new):
+                raise ValueError(f"a metadata patch must keep the length: {old!r} -> {new!r}")
+        for k, v in self.metadata.items():
+            for old, new in patch.items():
+                v = v.replace(old, new)
+            self.metadata[k] = v
+        for shard, temp in enumerate(self._temps):
+            header = _header(self._groups[shard], self.metadata)
+            with open(temp, "r+b") as f:
+                if len(header) != len(_header(self._groups[shard], self._original_metadata)):
+                    raise ValueError("the patched header changed length")
+                f.write(header)
+                f.flush()
+                os.fsync(f.fileno())
 
     def abort(self) -> None:
         self._close_file()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import open_checkpoint
 from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_map
 from mmsurgery.pairing.paired import PairedWrite, default_output, write_paired
@@ -58,18 +59,21 @@ def pair(
     """Align `target` with `aux` and (unless `dry_run`) write the paired checkpoint to `out`
     (default: `<target stem>.paired.safetensors` beside the target)."""
     with open_checkpoint(target, key=target_key) as t, open_checkpoint(aux, key=aux_key) as a:
-        plan = align(
-            t,
-            a,
-            roles=roles,
-            depth=depth,
-            map_file=map_file,
-            target_stack=target_stack,
-            aux_stack=aux_stack,
-            strict=strict,
+        options: dict[str, Any] = dict(
+            roles=roles, depth=depth, map_file=map_file, target_stack=target_stack, aux_stack=aux_stack, strict=strict
         )
         if dry_run:
-            return PairResult(plan, None, None)
+            return PairResult(align(t, a, **options), None, None)
+        jobs = HashJob(t.files, 0), HashJob(a.files, 1)  # hashed on the other core while tensors stream
+        plan = align(t, a, digests=(jobs[0].placeholder, jobs[1].placeholder), **options)
         dest = Path(out) if out is not None else default_output(t.path)
-        written = write_paired(plan, t, a, dest, init_scale=init_scale, heads=heads, force=force, shard_size=shard_size)
-        return PairResult(plan, written.result.path, written)
+        digests = {job.placeholder: job for job in jobs}
+        written = write_paired(
+            plan, t, a, dest, init_scale=init_scale, heads=heads, force=force, shard_size=shard_size, digests=digests
+        )
+        final = replace(
+            plan,
+            target=replace(plan.target, sha256=jobs[0].result()),
+            aux=replace(plan.aux, sha256=jobs[1].result()),
+        )
+        return PairResult(final, written.result.path, written)

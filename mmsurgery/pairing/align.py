@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -10,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint
 from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.layout.detect import Block, Linear, Stack, choose_stack, detect
@@ -42,22 +42,7 @@ def depth_map(target_depth: int, aux_depth: int, policy: str) -> list[int | None
     raise PairingError(f"unknown depth policy {policy!r}; choose one of {', '.join(DEPTH_POLICIES)}")
 
 
-def sha256_of(files: Sequence[Path]) -> str:
-    """sha256 of a file, or of `name sha256` lines for a sharded set."""
-    digests = []
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        digests.append((f.name, h.hexdigest()))
-    if len(digests) == 1:
-        return digests[0][1]
-    return hashlib.sha256("".join(f"{n} {d}\n" for n, d in sorted(digests)).encode()).hexdigest()
-
-
-def _source(ck: Checkpoint, stack: Stack, hash_inputs: bool) -> Source:
-    digest = sha256_of(ck.files) if hash_inputs else ""
+def _source(ck: Checkpoint, stack: Stack, digest: str) -> Source:
     return Source(str(ck.path), digest, ck.format, stack.prefix, stack.family, stack.depth, stack.width)
 
 
@@ -130,14 +115,18 @@ def align(
     target_stack: str | None = None,
     aux_stack: str | None = None,
     strict: bool = False,
-    hash_inputs: bool = True,
+    digests: tuple[str, str] | None = None,
 ) -> Plan:
     """Pair each target block linear of the chosen roles with its auxiliary counterpart.
 
     Width mismatches are skipped and reported; `strict` turns any skip into a `PairingError`; nothing paired at
-    all is always a `PairingError`. `map_file` ({"blocks": {"i": j|null}, "linears": {target_key: aux_key |
+    all is always a `PairingError`. `digests` are the inputs' sha256 (or placeholders the writer patches);
+    by default both files are hashed here, in parallel. `map_file` ({"blocks": {"i": j|null}, "linears": {target_key: aux_key |
     [q, k, v] | null}}) overrides the depth policy and individual pairings.
     """
+    if digests is None:
+        jobs = HashJob(target.files, 0), HashJob(aux.files, 1)
+        digests = jobs[0].result(), jobs[1].result()
     wanted = _expand_roles(roles)
     t_stack = choose_stack(detect(target.infos), target_stack, what=f"target {target.path}")
     a_stack = choose_stack(detect(aux.infos), aux_stack, what=f"aux {aux.path}")
@@ -203,8 +192,8 @@ def align(
             pairs.append(Pair(lin.key, lin.shape, block.index, lin.role, keys, aux_index, transform))
 
     plan = Plan(
-        target=_source(target, t_stack, hash_inputs),
-        aux=_source(aux, a_stack, hash_inputs),
+        target=_source(target, t_stack, digests[0]),
+        aux=_source(aux, a_stack, digests[1]),
         depth_policy="map" if overrides.get("blocks") else depth,
         depth_map=tuple(dmap),
         roles=wanted,

@@ -8,15 +8,18 @@ names M2PT's own `CrossModalReparamLinear` saves, so the file loads with a stric
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmsurgery import __version__
+from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
-from mmsurgery.errors import BadInputError
-from mmsurgery.pairing.plan import Plan
+from mmsurgery.errors import BadInputError, FoldError
+from mmsurgery.pairing.plan import AUX_SUFFIX, SCALE_SUFFIX, Plan
 
 FORMAT_KEY = "mmsurgery.format"
 PLAN_KEY = "mmsurgery.plan"
@@ -29,6 +32,29 @@ PAIRED_FORMAT = "paired/1"
 class PairedWrite:
     result: WriteResult
     metadata: dict[str, str]
+
+
+def pathway_layers(ck: Checkpoint) -> list[str]:
+    """Module paths that carry a pathway: `P.cross_modal_scale`, `P.aux_weight` and `P.weight` all present."""
+    layers = [k.removesuffix("." + SCALE_SUFFIX) for k in ck.infos if k.endswith("." + SCALE_SUFFIX)]
+    aux = {k.removesuffix("." + AUX_SUFFIX) for k in ck.infos if k.endswith("." + AUX_SUFFIX)}
+    problems = [f"{p}: no aux_weight" for p in layers if p not in aux]
+    problems += [f"{p}: aux_weight without cross_modal_scale" for p in sorted(aux - set(layers))]
+    for p in layers:
+        w = ck.infos.get(f"{p}.weight")
+        if w is None:
+            problems.append(f"{p}: no weight")
+        elif p in aux and ck.infos[f"{p}.{AUX_SUFFIX}"].shape != w.shape:
+            problems.append(f"{p}: aux_weight {list(ck.infos[f'{p}.{AUX_SUFFIX}'].shape)} != weight {list(w.shape)}")
+        elif math.prod(ck.infos[f"{p}.{SCALE_SUFFIX}"].shape) != 1:
+            problems.append(f"{p}: cross_modal_scale must hold one value")
+    if problems:
+        raise FoldError(f"{ck.path}: not a consistent paired checkpoint: {'; '.join(problems[:4])}")
+    return layers
+
+
+def read_scales(ck: Checkpoint, layers: list[str]) -> dict[str, float]:
+    return {p: ck.read_floats(f"{p}.{SCALE_SUFFIX}")[0] for p in layers}
 
 
 def default_output(target: Path) -> Path:
@@ -61,7 +87,10 @@ def write_paired(
     heads: int | None = None,
     force: bool = False,
     shard_size: int | str | None = None,
+    digests: Mapping[str, HashJob] | None = None,
 ) -> PairedWrite:
+    """Stream the paired checkpoint to `out`. `digests` maps placeholders in the plan to the hash jobs whose
+    results replace them in the header at commit."""
     import torch
 
     clash = [p.aux_weight_key for p in plan.pairs if p.aux_weight_key in target.infos]
@@ -71,7 +100,7 @@ def write_paired(
     for p in plan.pairs:
         dtype = target.infos[p.target_key].dtype
         specs.append(TensorInfo(p.aux_weight_key, dtype, p.target_shape))
-        specs.append(TensorInfo(p.scale_key, dtype, (1,)))
+        specs.append(TensorInfo(p.scale_key, "float32", (1,)))  # λ stays float32, as the pathway keeps it
     metadata = {k: v for k, v in target.metadata.items() if not k.startswith("mmsurgery.")}
     metadata |= {FORMAT_KEY: PAIRED_FORMAT, VERSION_KEY: __version__, PLAN_KEY: plan.dumps()}
     metadata["mmsurgery.init_scale"] = repr(float(init_scale))
@@ -85,5 +114,9 @@ def write_paired(
         for p in plan.pairs:
             dtype = target.get(p.target_key).dtype
             w.write(p.aux_weight_key, p.transform.apply([aux.get(k) for k in p.aux_keys], dtype=dtype))
-            w.write(p.scale_key, torch.full((1,), float(init_scale), dtype=dtype))
-        return PairedWrite(w.commit(), metadata)
+            w.write(p.scale_key, torch.full((1,), float(init_scale), dtype=torch.float32))
+        patch = {ph: job.result() for ph, job in (digests or {}).items()}
+        result = w.commit(patch=patch)
+        for ph, digest in patch.items():
+            metadata = {k: v.replace(ph, digest) for k, v in metadata.items()}
+        return PairedWrite(result, metadata)

@@ -1,0 +1,160 @@
+"""Fine-tune a paired checkpoint with the Multimodal Pathway on scikit-learn's digits (CPU is enough).
+
+A paired checkpoint is a safetensors file with the target ViT's timm keys plus `P.aux_weight` and
+`P.cross_modal_scale` per pathway linear; its metadata may hold the ViT config as JSON under `mmsurgery.vit`.
+A head of the wrong size (or none) is replaced by a fresh 10-class head. The trained paired checkpoint keeps
+the input's metadata (with the config updated) and can be folded into a plain ViT afterwards.
+
+    python examples/finetune.py paired.safetensors --out trained.safetensors --epochs 3
+    torchrun --standalone --nproc_per_node=2 examples/finetune.py paired.safetensors --out trained.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+
+from mmsurgery.data.digits import NUM_CLASSES, load_digits_tensors
+from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, ViTConfig, config_from_state_dict
+from mmsurgery.pathway import attach, param_groups, scales, split_paired
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paired", type=Path, help="paired checkpoint (.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the trained paired checkpoint")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--scale-lr-mult", type=float, default=1.0, help="λ learning rate = lr × this")
+    p.add_argument("--aux-frozen", action="store_true", help="train λ but keep W_aux fixed (the paper's 'fix')")
+    p.add_argument("--num-heads", type=int, default=None, help="if neither given nor in the metadata: dim // 64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    return p.parse_args(argv)
+
+
+def read_paired(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    return load_file(str(path)), metadata
+
+
+def build_model(
+    state: dict[str, torch.Tensor], metadata: dict[str, str], num_heads: int | None, aux_frozen: bool
+) -> VisionTransformer:
+    """Build the ViT, attach the pathway, then load every tensor of the file strictly (λ included)."""
+    plain, pathway = split_paired(state)
+    config = config_from_state_dict(plain, num_heads=num_heads, metadata=metadata)
+    fresh_head = config.num_classes != NUM_CLASSES
+    if fresh_head:
+        config = dataclasses.replace(config, num_classes=NUM_CLASSES)
+    model = VisionTransformer(config)
+    attach(model, pathway, aux_trainable=not aux_frozen)
+    if fresh_head:
+        state = {k: v for k, v in state.items() if k not in ("head.weight", "head.bias")}
+        state |= {k: v.detach().clone() for k, v in model.head.state_dict(prefix="head.").items()}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in DataLoader(data, batch_size=batch_size):
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def save_atomic(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    torch.manual_seed(args.seed)  # the same fresh head on every rank
+    state, metadata = read_paired(args.paired)
+    model = build_model(state, metadata, args.num_heads, args.aux_frozen)
+    config: ViTConfig = model.config
+    splits = load_digits_tensors(config.img_size, config.in_chans, split_seed=args.split_seed)
+    train = splits.train if args.train_limit is None else Subset(splits.train, range(args.train_limit))
+    if distributed:
+        sampler: DistributedSampler | RandomSampler = DistributedSampler(train, world, rank, seed=args.seed)
+    else:
+        sampler = RandomSampler(train, generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
+    net: nn.Module = DistributedDataParallel(model) if distributed else model
+    opt = torch.optim.AdamW(
+        param_groups(model, args.weight_decay, lr=args.lr, scale_lr_mult=args.scale_lr_mult), lr=args.lr
+    )
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{config}\n{len(scales(model))} pathways, {n_trainable:,} trainable parameters, {world} process(es)")
+
+    for epoch in range(1, args.epochs + 1):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        net.train()
+        start = time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            totals += torch.tensor([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)])
+        if distributed:
+            dist.all_reduce(totals)
+        lam = torch.tensor(list(scales(model).values())).abs().mean().item()
+        log(
+            f"epoch {epoch}/{args.epochs}  loss {totals[0] / totals[2]:.4f}  train_acc {totals[1] / totals[2]:.3f}"
+            f"  val_acc {accuracy(model, splits.val):.3f}  mean|λ| {lam:.3g}  ({time.perf_counter() - start:.1f}s)"
+        )
+    log(f"test_acc {accuracy(model, splits.test):.3f}")
+
+    if rank == 0:
+        out_meta = {**metadata, METADATA_KEY: json.dumps(config.to_dict())}
+        save_atomic(model.state_dict(), out_meta, args.out)
+        log(f"saved {args.out}")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

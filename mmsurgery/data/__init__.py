@@ -1,0 +1,1 @@
+"""Small built-in datasets for the examples, the demo and the reproduction scripts."""

@@ -1,0 +1,124 @@
+"""The streaming file fold: a (trained) paired checkpoint in, a plain checkpoint out, one tensor at a time.
+
+Every pathway weight becomes `foldmath.fold_weight(W, λ, W_aux)` — the same function `pathway.fold` uses, so
+the file is bit-identical to folding in memory and calling `state_dict()`. λ and `W_aux` are dropped; every
+other tensor is copied as it is. Memory stays near the largest tensor; the write is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmsurgery import __version__
+from mmsurgery.checkpoint.dtypes import FLOATING
+from mmsurgery.checkpoint.hashing import HashJob
+from mmsurgery.checkpoint.reader import TensorInfo, open_checkpoint
+from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
+from mmsurgery.errors import BadInputError, FoldError
+from mmsurgery.foldmath import fold_weight
+from mmsurgery.pairing.paired import FORMAT_KEY, VERSION_KEY, pathway_layers, read_scales
+from mmsurgery.pairing.plan import AUX_SUFFIX, SCALE_SUFFIX
+
+FOLDED_FORMAT = "folded/1"
+SCALES_KEY = "mmsurgery.scales"
+SOURCE_KEY = "mmsurgery.source_sha256"
+DTYPES = ("keep", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    source: Path
+    output: Path | None  # None: the input was already plain and nothing was written
+    scales: dict[str, float]  # module path -> λ
+    num_tensors: int
+    sha256: str
+    written: WriteResult | None
+
+    @property
+    def already_plain(self) -> bool:
+        return not self.scales
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": str(self.source),
+            "output": str(self.output) if self.output else None,
+            "already_plain": self.already_plain,
+            "folded": len(self.scales),
+            "num_tensors": self.num_tensors,
+            "source_sha256": self.sha256,
+            "bytes": self.written.total_size if self.written else 0,
+            "scales": self.scales,
+        }
+
+
+def default_output(paired: Path) -> Path:
+    """`<stem>.plain.safetensors` beside the input; `x.paired.safetensors` gives `x.plain.safetensors`."""
+    name = paired.name.removesuffix(".index.json")
+    stem = Path(name).stem.removesuffix(".paired")
+    return paired.with_name(f"{stem}.plain.safetensors")
+
+
+def fold_file(
+    paired: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str = "keep",
+    shard_size: int | str | None = None,
+    force: bool = False,
+    key: str | None = None,
+) -> FoldResult:
+    """Fold `paired` into a plain checkpoint at `out` (default: `<stem>.plain.safetensors` beside it).
+
+    A checkpoint without pathway tensors is reported as already plain and nothing is written. A non-finite λ or
+    folded weight raises `FoldError` naming the layer, before anything is renamed into place.
+    """
+    import torch
+
+    if dtype not in DTYPES:
+        raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    with open_checkpoint(paired, key=key) as ck:
+        layers = pathway_layers(ck)
+        hashing = HashJob(ck.files)  # on the other core, while the tensors stream
+        if not layers:
+            return FoldResult(ck.path, None, {}, len(ck), hashing.result(), None)
+        scales = read_scales(ck, layers)
+        bad = [p for p, v in scales.items() if not math.isfinite(v)]
+        if bad:
+            raise FoldError(f"{bad[0]}: cross_modal_scale is {scales[bad[0]]}; refusing to fold ({len(bad)} layer(s))")
+        dropped = {f"{p}.{s}" for p in layers for s in (AUX_SUFFIX, SCALE_SUFFIX)}
+        folded = {f"{p}.weight": p for p in layers}
+        out_dtype = None if dtype == "keep" else getattr(torch, dtype)
+
+        def spec(info: TensorInfo) -> TensorInfo:
+            cast = out_dtype is not None and info.dtype in FLOATING
+            return TensorInfo(info.name, dtype if cast else info.dtype, info.shape)
+
+        specs = [spec(i) for k, i in ck.infos.items() if k not in dropped]
+        metadata = {k: v for k, v in ck.metadata.items() if k != FORMAT_KEY}
+        metadata |= {
+            FORMAT_KEY: FOLDED_FORMAT,
+            VERSION_KEY: __version__,
+            SOURCE_KEY: hashing.placeholder,
+            SCALES_KEY: json.dumps(scales, separators=(",", ":")),
+        }
+        dest = Path(out) if out is not None else default_output(ck.path)
+        with SafetensorsWriter(
+            dest, specs, metadata=metadata, shard_size=shard_size, force=force, inputs=ck.files
+        ) as w:
+            for s in specs:
+                t = ck.get(s.name)
+                if s.name in folded:
+                    p = folded[s.name]
+                    t = fold_weight(t, ck.get(f"{p}.{SCALE_SUFFIX}"), ck.get(f"{p}.{AUX_SUFFIX}"), name=p)
+                if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
+                    t = t.to(out_dtype)
+                    if not torch.isfinite(t).all():
+                        raise FoldError(f"{s.name}: does not fit in {dtype} (overflow); use --dtype keep or float32")
+                w.write(s.name, t)
+            digest = hashing.result()
+            written = w.commit(patch={hashing.placeholder: digest})
+        return FoldResult(ck.path, written.path, scales, len(specs), digest, written)

@@ -1,0 +1,299 @@
+"""The Multimodal Pathway on any `nn.Module`: attach, train, fold.
+
+The pathway lives in the weight itself: `torch.nn.utils.parametrize` makes `module.weight` return
+`W + λ·W_aux`, so code that reads the weight directly (VideoMAE's `F.linear(x, self.qkv.weight, ...)`, HF
+`Conv1D`) sees the pathway exactly like `module(x)` does, and the forward is one matmul on the merged weight.
+
+State-dict keys follow a fixed, M2PT-compatible convention, for each pathway module at path `P`:
+`P.weight` (the original W), `P.bias` (if any), `P.aux_weight`, `P.cross_modal_scale` (shape [1]). Hooks on
+the module translate to and from parametrize's internal names (`P.parametrizations.weight.original`, ...), so a
+paired checkpoint file and `model.state_dict()` are interchangeable and both load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
+
+from mmsurgery.errors import AttachError, FoldError
+from mmsurgery.foldmath import effective_weight, fold_weight
+
+__all__ = [
+    "AUX_KEY",
+    "SCALE_KEY",
+    "Pathway",
+    "attach",
+    "fold",
+    "is_attached",
+    "param_groups",
+    "pathway_modules",
+    "scales",
+    "split_paired",
+]
+
+AUX_KEY = "aux_weight"
+SCALE_KEY = "cross_modal_scale"
+_PUBLIC_TO_INTERNAL = {
+    "weight": "parametrizations.weight.original",
+    AUX_KEY: f"parametrizations.weight.0.{AUX_KEY}",
+    SCALE_KEY: f"parametrizations.weight.0.{SCALE_KEY}",
+}
+_MAX_LISTED = 8
+
+
+class Pathway(nn.Module):
+    """Parametrization `W ↦ W + λ·W_aux` with `W_aux` and λ (shape [1], float32) as parameters.
+
+    `W_aux` is always an `nn.Parameter`, never a buffer: frozen means `requires_grad=False`, so DDP neither
+    all-reduces nor re-broadcasts it on every forward.
+    """
+
+    def __init__(self, aux_weight: Tensor, *, aux_trainable: bool = True, init_scale: float = 0.0) -> None:
+        super().__init__()
+        self.aux_weight = nn.Parameter(aux_weight, requires_grad=aux_trainable)
+        self.cross_modal_scale = nn.Parameter(
+            torch.full((1,), float(init_scale), dtype=torch.float32, device=aux_weight.device)
+        )
+        self._handles: list[RemovableHandle] = []
+        self._param_order: tuple[str, ...] = ("weight",)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return effective_weight(weight, self.cross_modal_scale, self.aux_weight)
+
+    def extra_repr(self) -> str:
+        return f"aux_weight={list(self.aux_weight.shape)}, aux_trainable={self.aux_weight.requires_grad}"
+
+
+def _pathway_of(module: nn.Module) -> Pathway | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist = module.parametrizations["weight"]  # type: ignore[index]
+    return plist[0] if len(plist) and isinstance(plist[0], Pathway) else None
+
+
+def _state_dict_post_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """Rename parametrize's internal keys to `weight`/`aux_weight`/`cross_modal_scale` (order W, b, aux, λ)."""
+    if _pathway_of(module) is None or prefix + _PUBLIC_TO_INTERNAL["weight"] not in state_dict:
+        return
+    weight = state_dict.pop(prefix + _PUBLIC_TO_INTERNAL["weight"])
+    own = [prefix + n for n in (*module._parameters, *module._buffers) if prefix + n in state_dict]
+    moved = {k: state_dict.pop(k) for k in own}
+    extra = {
+        prefix + public: state_dict.pop(prefix + internal)
+        for public, internal in _PUBLIC_TO_INTERNAL.items()
+        if public != "weight" and prefix + internal in state_dict
+    }
+    state_dict[prefix + "weight"] = weight
+    state_dict.update(moved)
+    state_dict.update(extra)
+
+
+def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """Rename public keys to parametrize's internal ones; a 0-d λ is accepted as shape [1]."""
+    if _pathway_of(module) is None:
+        return
+    for public, internal in _PUBLIC_TO_INTERNAL.items():
+        if prefix + public in state_dict and prefix + internal not in state_dict:
+            value = state_dict.pop(prefix + public)
+            if public == SCALE_KEY and isinstance(value, Tensor) and value.ndim == 0:
+                value = value.reshape(1)
+            state_dict[prefix + internal] = value
+
+
+def _load_post_hook(_module: nn.Module, incompatible: Any) -> None:
+    """Report missing/unexpected keys under their public names, not parametrize's."""
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        for i, key in enumerate(keys):
+            for public, internal in _PUBLIC_TO_INTERNAL.items():
+                if key == internal or key.endswith("." + internal):
+                    keys[i] = key[: len(key) - len(internal)] + public
+
+
+def _load_paired(paired: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a paired checkpoint in any format `open_checkpoint` reads (safetensors, shards, a DDP `.pt`)."""
+    from mmsurgery.checkpoint import open_checkpoint
+
+    with open_checkpoint(paired) as ck:
+        return ck.to_state_dict()
+
+
+def split_paired(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a paired state dict into (plain model keys, pathway keys `P.aux_weight`/`P.cross_modal_scale`)."""
+    plain: dict[str, Tensor] = {}
+    pathway: dict[str, Tensor] = {}
+    for key, value in state.items():
+        leaf = key.rsplit(".", 1)[-1]
+        (pathway if leaf in (AUX_KEY, SCALE_KEY) else plain)[key] = value
+    return plain, pathway
+
+
+def _module_path(key: str, leaf: str) -> str:
+    return key[: -len(leaf) - 1] if key != leaf else ""
+
+
+def _format_problems(problems: list[str], what: str) -> str:
+    shown = "\n  - ".join(problems[:_MAX_LISTED])
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return f"{what}; the model was not changed ({len(problems)} problem(s)):\n  - {shown}{more}"
+
+
+def attach(
+    model: nn.Module,
+    paired: str | os.PathLike[str] | Mapping[str, Tensor],
+    *,
+    aux_trainable: bool = True,
+    init_scale: float = 0.0,
+    layers: Iterable[str] | None = None,
+) -> nn.Module:
+    """Attach a pathway to every module `P` whose `P.aux_weight` and `P.cross_modal_scale` are in `paired`.
+
+    In place; returns `model`. `W_aux` is a copy of the paired tensor in the module weight's dtype and device;
+    λ starts at `init_scale` (λ from the file is NOT read: to resume, call
+    `model.load_state_dict(trained_paired, strict=True)` after attaching). Target weights are not loaded
+    either. `layers` restricts the attach to some module paths. Everything is checked first (modules exist,
+    have a `.weight` Parameter without parametrization, shapes match, values finite); any problem raises
+    `AttachError` listing them and leaves the model untouched. Attach before wrapping the model in DDP.
+    """
+    state = _load_paired(paired) if isinstance(paired, (str, os.PathLike)) else paired
+    problems: list[str] = []
+    aux = {_module_path(k, AUX_KEY): v for k, v in state.items() if k.rsplit(".", 1)[-1] == AUX_KEY}
+    scale = {_module_path(k, SCALE_KEY): v for k, v in state.items() if k.rsplit(".", 1)[-1] == SCALE_KEY}
+    problems += [f"'{p}': has {AUX_KEY} but no {SCALE_KEY}" for p in sorted(aux.keys() - scale.keys())]
+    problems += [f"'{p}': has {SCALE_KEY} but no {AUX_KEY}" for p in sorted(scale.keys() - aux.keys())]
+    paths = [p for p in aux if p in scale]
+    if layers is not None:
+        wanted = list(dict.fromkeys(layers))
+        missing = [p for p in wanted if p not in paths]
+        problems += [f"'{p}': asked for in layers but not a pathway of the paired checkpoint" for p in missing]
+        paths = [p for p in wanted if p in paths]
+    if not paths and not problems:
+        problems.append(f"no pathway keys (`P.{AUX_KEY}` with `P.{SCALE_KEY}`) in the paired checkpoint")
+    targets: list[tuple[str, nn.Module, nn.Parameter, Tensor]] = []
+    seen: dict[int, str] = {}
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            problems.append(f"'{path}': no such module in the model")
+            continue
+        if id(module) in seen:
+            problems.append(f"'{path}': same module object as '{seen[id(module)]}' (tied); attach one of them")
+            continue
+        seen[id(module)] = path
+        weight = module._parameters.get("weight")
+        if parametrize.is_parametrized(module, "weight"):
+            kind = "a pathway" if _pathway_of(module) is not None else "a parametrization"
+            problems.append(f"'{path}': weight already has {kind}; fold or remove it first")
+        elif not isinstance(weight, nn.Parameter):
+            problems.append(f"'{path}': {type(module).__name__} has no `weight` Parameter")
+        elif tuple(aux[path].shape) != tuple(weight.shape):
+            problems.append(f"'{path}': aux_weight shape {list(aux[path].shape)} != weight {list(weight.shape)}")
+        elif not (weight.is_floating_point() and aux[path].is_floating_point()):
+            problems.append(f"'{path}': weight and aux_weight must be floating point")
+        elif scale[path].numel() != 1:
+            problems.append(f"'{path}': {SCALE_KEY} must hold one value, got shape {list(scale[path].shape)}")
+        elif not bool(torch.isfinite(aux[path]).all()):
+            problems.append(f"'{path}': aux_weight has non-finite values")
+        else:
+            targets.append((path, module, weight, aux[path]))
+    if problems:
+        raise AttachError(_format_problems(problems, "cannot attach the pathway"))
+    for _path, module, weight, aux_value in targets:
+        aux_copy = torch.empty_like(weight, requires_grad=False).copy_(aux_value.detach())
+        pathway = Pathway(aux_copy, aux_trainable=aux_trainable, init_scale=init_scale)
+        pathway._param_order = tuple(module._parameters)
+        parametrize.register_parametrization(module, "weight", pathway)
+        pathway._handles = [
+            module.register_state_dict_post_hook(_state_dict_post_hook),
+            module.register_load_state_dict_pre_hook(_load_pre_hook),
+            module.register_load_state_dict_post_hook(_load_post_hook),
+        ]
+    return model
+
+
+def _entries(model: nn.Module) -> list[tuple[str, nn.Module, Pathway]]:
+    return [(name, m, pw) for name, m in model.named_modules() if (pw := _pathway_of(m)) is not None]
+
+
+def pathway_modules(model: nn.Module) -> dict[str, Pathway]:
+    """Module path → its `Pathway` parametrization, in module order."""
+    return {name: pw for name, _m, pw in _entries(model)}
+
+
+def scales(model: nn.Module) -> dict[str, float]:
+    """Module path → current λ."""
+    return {name: float(pw.cross_modal_scale.detach().reshape(-1)[0]) for name, _m, pw in _entries(model)}
+
+
+def is_attached(model: nn.Module) -> bool:
+    return bool(_entries(model))
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Fold every pathway into its weight (`W ← W + λ·W_aux` via `fold_weight`), in place; returns `model`.
+
+    The result is a plain model: same classes, parameters and state-dict keys as before attaching. Every
+    folded weight is computed and checked (finite λ and result) before any module changes, so a `FoldError`
+    leaves the model as it was; this needs one extra copy of the pathway weights at peak. A model without
+    pathway is returned unchanged (folding is idempotent). The `weight` Parameter objects are kept.
+    """
+    entries = _entries(model)
+    folded: list[Tensor] = []
+    for name, module, pw in entries:
+        plist = module.parametrizations["weight"]  # type: ignore[index]
+        if len(plist) != 1:
+            raise FoldError(f"'{name}': weight has {len(plist) - 1} other parametrization(s) on top of the pathway")
+        folded.append(fold_weight(plist.original, pw.cross_modal_scale, pw.aux_weight, name=name))
+    for (_name, module, pw), new_weight in zip(entries, folded, strict=True):
+        for handle in pw._handles:
+            handle.remove()
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        module.weight.data = new_weight
+        params = module._parameters  # restore the original order (weight first) so keys match a plain model
+        for key in [k for k in pw._param_order if k in params] + [k for k in params if k not in pw._param_order]:
+            params[key] = params.pop(key)
+    return model
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    getter = getattr(model, "no_weight_decay", None)
+    return set(getter()) if callable(getter) else set()
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, *, lr: float | None = None, scale_lr_mult: float = 1.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups: ≥2-D weights (W_aux included) decayed; biases, norms, λ and the model's
+    `no_weight_decay()` names (timm's convention) not decayed; λ alone in a group with `lr_mult` =
+    `scale_lr_mult` (and `lr` = `lr * scale_lr_mult` when `lr` is given). Every trainable parameter appears
+    exactly once; frozen ones (a frozen W_aux) and empty groups are left out.
+    """
+    scale_ids = {id(pw.cross_modal_scale) for pw in pathway_modules(model).values()}
+    skip = _no_decay_names(model)
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    scale: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in scale_ids:
+            scale.append(param)
+        elif param.ndim <= 1 or name in skip:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+        {"name": SCALE_KEY, "params": scale, "weight_decay": 0.0, "lr_mult": scale_lr_mult},
+    ]
+    if lr is not None:
+        for group in groups:
+            group["lr"] = lr * group["lr_mult"]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from pathway_fixtures import make_paired_state, tiny_vit
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mmsurgery.data.digits import load_digits_tensors
+from mmsurgery.models.vit import METADATA_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "finetune.py"
+
+
+def _example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _paired_file(tmp_path: Path, num_classes: int) -> Path:
+    model = tiny_vit(num_classes=num_classes)
+    path = tmp_path / f"paired{num_classes}.safetensors"
+    meta = {METADATA_KEY: json.dumps(model.config.to_dict()), "provenance": "unit test"}
+    save_file(make_paired_state(model, aux_std=0.05), str(path), metadata=meta)
+    return path
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata())
+
+
+def test_digits_splits_are_fixed_and_disjoint() -> None:
+    a = load_digits_tensors(16, 3, split_seed=0)
+    b = load_digits_tensors(16, 3, split_seed=0)
+    assert [len(s) for s in a] == [1258, 180, 359]
+    x, y = a.train.tensors
+    assert x.shape == (1258, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.min() == -1.0 and x.max() == 1.0 and set(y.tolist()) == set(range(10))
+    assert all(torch.equal(s.tensors[0], t.tensors[0]) for s, t in zip(a, b, strict=True))
+    c = load_digits_tensors(16, 3, split_seed=1)
+    assert not torch.equal(a.test.tensors[1], c.test.tensors[1])
+    # A partition of the 1797 digits: the three splits together hold each class exactly as often as the data.
+    counts = torch.bincount(torch.cat([s.tensors[1] for s in a]), minlength=10)
+    assert counts.tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert load_digits_tensors(20, 1).val.tensors[0].shape[1:] == (1, 20, 20)
+
+
+def test_finetune_fresh_head_then_resume_frozen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = _example()
+    paired = _paired_file(tmp_path, num_classes=0)  # no head: the example adds a 10-class one
+    out = tmp_path / "trained.safetensors"
+    common = ["--epochs", "1", "--batch-size", "64", "--train-limit", "256", "--lr", "3e-3"]
+    assert example.main([str(paired), "--out", str(out), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1/1" in printed and "val_acc" in printed and "test_acc" in printed
+    before, after = load_file(str(paired)), load_file(str(out))
+    assert set(after) == set(before) | {"head.weight", "head.bias"} and after["head.weight"].shape == (10, 32)
+    lambdas = {k: v for k, v in after.items() if k.endswith("cross_modal_scale")}
+    assert len(lambdas) == 8 and all(v.abs().item() > 0 for v in lambdas.values())
+    assert not torch.equal(after["blocks.0.mlp.fc1.aux_weight"], before["blocks.0.mlp.fc1.aux_weight"])
+    meta = _metadata(out)
+    assert meta["provenance"] == "unit test" and json.loads(meta[METADATA_KEY])["num_classes"] == 10
+
+    resumed = tmp_path / "resumed.safetensors"
+    assert example.main([str(out), "--out", str(resumed), "--aux-frozen", *common]) == 0
+    again = load_file(str(resumed))
+    assert set(again) == set(after)
+    aux_keys = [k for k in after if k.endswith("aux_weight")]
+    assert all(torch.equal(again[k], after[k]) for k in aux_keys)  # frozen W_aux: bit-identical
+    assert not all(torch.equal(again[k], after[k]) for k in lambdas)  # λ resumed and moved on
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temp file
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun(tmp_path: Path) -> None:
+    paired = _paired_file(tmp_path, num_classes=5)  # wrong-sized head: replaced
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
+           str(paired), "--out", str(out), "--epochs", "1", "--batch-size", "32", "--train-limit", "128"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1/1") == 1 and "2 process(es)" in proc.stdout  # only rank 0 prints
+    trained = load_file(str(out))
+    assert trained["head.weight"].shape == (10, 32)
+    assert all(v.abs().item() > 0 for k, v in trained.items() if k.endswith("cross_modal_scale"))
