@@ -69,6 +69,7 @@ def fold_weight(
 
 
 def _all_finite(t: Tensor) -> bool:
-    """Exact and allocation-free: a float64 sum of float32/16 values cannot overflow (n·3.4e38 ≪ 1.8e308), and
-    any inf or nan makes it non-finite (inf - inf is nan)."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    """Exact, and one cheap pass in the common case: any inf or nan makes the sum non-finite (inf - inf is nan),
+    so a finite sum proves every element finite; a non-finite sum (a bad element, or an overflow of the sum
+    itself) is decided element by element."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
