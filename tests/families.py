@@ -71,6 +71,17 @@ def hf_vit_block(d: int = D, h: int = H) -> dict[str, tuple[int, ...]]:
     }
 
 
+def hf_vit_v5_block(d: int = D, h: int = H) -> dict[str, tuple[int, ...]]:
+    return {
+        **_split("attention", ("q_proj", "k_proj", "v_proj"), d),
+        "attention.o_proj.weight": (d, d),
+        "layernorm_before.weight": (d,),
+        "mlp.fc1.weight": (h, d),
+        "mlp.fc2.weight": (d, h),
+        "layernorm_after.weight": (d,),
+    }
+
+
 def bert_block(d: int = D, h: int = H) -> dict[str, tuple[int, ...]]:
     return {
         **_split("attention.self", ("query", "key", "value"), d),
@@ -302,6 +313,7 @@ CASES: tuple[Case, ...] = (
         "split",
         "pre",
     ),
+    Case("hf-vit-v5", lambda: stack("vit.layers", 2, hf_vit_v5_block()), "vit.layers", "hf-vit-v5", 2, "split", "pre"),
     Case(
         "hf-vitmae",
         lambda: stack("vit.encoder.layer", 2, hf_vit_block()) | stack("decoder.decoder_layers", 2, hf_vit_block(8, 32)),

@@ -191,3 +191,30 @@ def test_sharded_paired_output(tmp_path) -> None:
 
     with open_checkpoint(res.output) as ck:
         assert "blocks.2.mlp.fc2.aux_weight" in ck and len(ck.files) > 1
+
+
+def test_real_hf_vit_model_paired_with_minilm_attaches_strictly(tmp_path, minilm_path) -> None:
+    """A transformers ViTModel's own state dict (whatever names this transformers version uses) pairs with the
+    real MiniLM, and the paired file attaches to and loads strictly into that same model, then folds exactly."""
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra")
+    from mmsurgery import pathway
+
+    cfg = transformers.ViTConfig(
+        hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=1536, image_size=16, patch_size=4
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTModel(cfg).eval()
+    save_file(model.state_dict(), tmp_path / "hf.safetensors")
+    res = pair(tmp_path / "hf.safetensors", minilm_path, tmp_path / "p.safetensors")
+    assert len(res.plan.pairs) == 2 * 6 and not res.plan.skips  # q, k, v, out, fc1, fc2 per layer
+    paired = load_file(res.output)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(pixel_values=x).last_hidden_state
+    pathway.attach(model, paired)
+    model.load_state_dict({**paired, **{k: v + 0.05 for k, v in paired.items() if k.endswith("cross_modal_scale")}})
+    with torch.no_grad():
+        unfolded = model(pixel_values=x).last_hidden_state
+        folded = pathway.fold(model)(pixel_values=x).last_hidden_state
+    assert (unfolded - before).abs().max() > 1e-3  # λ = 0.05 on MiniLM weights changes the output
+    assert torch.allclose(unfolded, folded, atol=1e-5, rtol=0)  # float32, bit-exact weights: 1e-5 is generous

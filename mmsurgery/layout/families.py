@@ -83,6 +83,17 @@ FAMILIES: tuple[Family, ...] = (
         },
     ),
     Family(
+        "hf-vit-v5",
+        "Hugging Face ViT and kin as transformers 5 names them (layers.i.attention.q_proj ... mlp.fc1)",
+        ("layers",),
+        {
+            **_split_qkv("attention", "q_proj", "k_proj", "v_proj"),
+            "attn_out": r"attention\.o_proj\.weight",
+            "mlp_in": r"mlp\.fc1\.weight",
+            "mlp_out": r"mlp\.fc2\.weight",
+        },
+    ),
+    Family(
         "bert",
         "Hugging Face BERT, MiniLM, RoBERTa, sentence-transformers (post-norm)",
         ("layer",),
