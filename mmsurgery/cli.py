@@ -161,9 +161,96 @@ def fold(
     _stdout().print(render.fold_result(result))
 
 
+ONNX_AUTO = "auto"  # what a bare `--onnx` becomes (see `_bare_onnx`)
+
+
+@app.command()
+def verify(
+    plain: Annotated[Path, typer.Argument(help="The plain (folded) checkpoint to gate.")],
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", help="The trained paired checkpoint PLAIN was folded from (runs the fold stage)."),
+    ] = None,
+    onnx: Annotated[
+        str | None,
+        typer.Option(
+            "--onnx",
+            metavar="[FILE.onnx]",
+            help="Check the ONNX graph. Alone: export PLAIN to a temp dir. --onnx FILE.onnx: an existing file is "
+            "taken as is, a new path is exported there and kept.",
+        ),
+    ] = None,
+    arch: Annotated[str, typer.Option("--arch", help="vit (built-in) or package.module:factory.")] = "vit",
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--inputs", help="Safetensors file with a batch-first tensor 'input'; batches are its first rows."
+        ),
+    ] = None,
+    batch_sizes: Annotated[
+        str, typer.Option("--batch-sizes", help="At least two batch sizes to compare at, comma-separated.")
+    ] = "1,4",
+    atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default: per dtype).")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance (default: per dtype).")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the JSON report (schema mmsurgery.verify/1) to this file.")
+    ] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write a JUnit XML report to this file.")] = None,
+    max_latency_ratio: Annotated[
+        float | None,
+        typer.Option("--max-latency-ratio", help="Fail when PLAIN's ORT latency / the reference's exceeds this."),
+    ] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="Attention heads of a built-in ViT.")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset of the exported graphs.")] = 20,
+) -> None:
+    """Gate a folded checkpoint: keys, fold (vs --against), ONNX Runtime (--onnx), cost and latency vs a plain
+    reference. Exit 0: every stage passed or was skipped; 1: a check failed; 2: bad input or usage."""
+    from mmsurgery.verify import verify as run_verify
+    from mmsurgery.verify.report import check_output_path
+
+    for out in (json_out, junit):
+        if out is not None:
+            check_output_path(out)
+    report = run_verify(
+        plain,
+        against=against,
+        onnx=True if onnx == ONNX_AUTO else onnx,
+        arch=arch,
+        inputs=inputs,
+        batch_sizes=batch_sizes,
+        atol=atol,
+        rtol=rtol,
+        max_latency_ratio=max_latency_ratio,
+        heads=heads,
+        opset=opset,
+    )
+    if json_out is not None:
+        report.write_json(json_out)
+    if junit is not None:
+        report.write_junit(junit)
+    from mmsurgery import render
+
+    _stdout().print(render.verify_report(report))
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _bare_onnx(args: list[str]) -> list[str]:
+    """`--onnx` takes an optional value: alone (last, or followed by an option or by a token not ending in
+    `.onnx`, such as PLAIN) it becomes `--onnx=auto`, i.e. export to a temp dir."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg == "--onnx" and (following is None or following.startswith("-") or not following.endswith(".onnx")):
+            out.append(f"--onnx={ONNX_AUTO}")
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and, run as a script, exits with) the exit code."""
-    args = sys.argv[1:] if argv is None else argv
+    args = _bare_onnx(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
         app(args=args, prog_name="mmsurgery")  # standalone: usage errors print usage and exit 2

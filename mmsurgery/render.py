@@ -227,7 +227,7 @@ def _verify_number(value: object) -> str:
         return str(value)
     if isinstance(value, int):
         return human_count(value) if value >= 10**4 else str(value)
-    return f"{value:.3g}"
+    return f"{value:.4g}"
 
 
 def verify_report(report: Report) -> Group:

@@ -63,7 +63,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(len(losses), total, losses[-1])
     model.eval()

@@ -1,0 +1,142 @@
+"""Architectures verify can build from a checkpoint: the built-in ViT, or any `MODULE:CALLABLE` factory.
+
+The factory contract (docs/verify.md): `factory(state_dict, metadata) -> nn.Module` returns the architecture
+with any weights (verify loads the checkpoint into it with `strict=True`); `example_input(batch_size, generator)`
+makes seeded inputs, found as a method of the returned module or as a function of the factory's module (or
+replaced by `--inputs FILE`); the cost reference is `factory(state_dict, {})` with PLAIN's weights loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmsurgery.errors import BadInputError
+from mmsurgery.models.vit import VisionTransformer, ViTConfig, config_from_state_dict
+
+__all__ = ["Arch", "FactoryArch", "VitArch", "load_arch"]
+
+ExampleInput = Callable[[int, torch.Generator], Tensor]
+
+
+class Arch:
+    """How to build the model of a checkpoint, a plain reference of the same configuration, and inputs for it."""
+
+    name: str
+    reference_note: str
+
+    def build(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        """The architecture of `state` (weights not loaded; the caller loads them strictly)."""
+        raise NotImplementedError
+
+    def reference(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        """A plain model of the same configuration (the caller loads PLAIN's weights): what it must cost."""
+        raise NotImplementedError
+
+    def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Tensor | None:
+        """A seeded input batch for `model`, or None when the architecture cannot make one."""
+        raise NotImplementedError
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """The model's configuration, flat; the cost stage requires PLAIN's to equal the reference's."""
+        return {}
+
+
+class VitArch(Arch):
+    """The built-in timm-named ViT (`mmsurgery.models.vit`): config from shapes, `--heads` and `mmsurgery.vit`."""
+
+    name = "vit"
+    reference_note = "ViTConfig inferred from PLAIN's shapes with exact GELU (gelu_approximate='none'), PLAIN's weights"
+
+    def __init__(self, num_heads: int | None = None) -> None:
+        self.num_heads = num_heads
+
+    def config(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> ViTConfig:
+        return config_from_state_dict(state, num_heads=self.num_heads, metadata=metadata)
+
+    def build(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return VisionTransformer(self.config(state, metadata))
+
+    def reference(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        cfg = dataclasses.replace(self.config(state, metadata), gelu_approximate="none")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return VisionTransformer(cfg)
+
+    def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Tensor | None:
+        cfg: ViTConfig = model.config  # type: ignore[assignment]
+        return torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        cfg = getattr(model, "config", None)
+        return cfg.to_dict() if isinstance(cfg, ViTConfig) else {}
+
+
+class FactoryArch(Arch):
+    """A user architecture: `factory(state_dict, metadata) -> nn.Module` from `package.module:callable`."""
+
+    reference_note = "factory(state_dict, {}) with PLAIN's weights loaded"
+
+    def __init__(self, spec: str, module: ModuleType, factory: Callable[..., Any]) -> None:
+        self.name = spec
+        self.module = module
+        self.factory = factory
+
+    def _call(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model = self.factory(state, metadata)
+        except Exception as exc:
+            raise BadInputError(f"--arch {self.name}: the factory raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise BadInputError(f"--arch {self.name}: the factory returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    def build(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        return self._call(state, metadata)
+
+    def reference(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        return self._call(state, {})
+
+    def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Tensor | None:
+        make = getattr(model, "example_input", None) or getattr(self.module, "example_input", None)
+        if not callable(make):
+            return None
+        x = make(batch_size, generator)
+        if not isinstance(x, Tensor):
+            raise BadInputError(f"--arch {self.name}: example_input returned {type(x).__name__}, not a Tensor")
+        return x
+
+
+def load_arch(spec: str, num_heads: int | None = None) -> Arch:
+    """`"vit"` → the built-in ViT; `"package.module:factory"` (attribute path allowed after the colon) → that
+    factory. Anything else, or a factory that cannot be imported, raises `BadInputError`."""
+    if spec == "vit":
+        return VitArch(num_heads)
+    if num_heads is not None:
+        raise BadInputError("--heads applies to the built-in --arch vit only; a factory knows its own head count")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise BadInputError(f"--arch {spec!r}: use 'vit' or 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise BadInputError(
+            f"--arch {spec}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+            "is the package installed or on PYTHONPATH?"
+        ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise BadInputError(f"--arch {spec}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise BadInputError(f"--arch {spec}: {attr!r} is a {type(obj).__name__}, not a callable")
+    return FactoryArch(spec, module, obj)

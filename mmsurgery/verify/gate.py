@@ -1,0 +1,364 @@
+"""`verify`: the deployment gate over a plain (folded) checkpoint. Stages run in order; each returns a result.
+
+keys → fold (with `against`) → onnx (with `onnx`) → cost → latency (needs a graph). Bad input or usage raises
+`BadInputError` before any expensive work; a stage that runs and finds a problem (including an exporter or ONNX
+Runtime error) is a failed stage in the report, never an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmsurgery import __version__
+from mmsurgery.checkpoint.dtypes import FLOATING
+from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
+from mmsurgery.errors import BadInputError, MMSurgeryError
+from mmsurgery.pathway import attach, scales, split_paired
+from mmsurgery.verify import cost, latency, onnx_stage
+from mmsurgery.verify.arch import Arch, load_arch
+from mmsurgery.verify.compare import Comparison, Tolerance, compare_outputs, flatten_outputs, summarize, tolerances_for
+from mmsurgery.verify.inputs import check_onnx_option, make_inputs, parse_batch_sizes, read_inputs
+from mmsurgery.verify.keys import check_keys
+from mmsurgery.verify.report import Report, StageResult, error_line
+
+__all__ = ["verify"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 4)
+DEFAULT_OPSET = 20
+
+
+def _dominant_dtype(ck: Checkpoint) -> str:
+    totals: dict[str, int] = {}
+    for info in ck.infos.values():
+        if info.dtype in FLOATING:
+            totals[info.dtype] = totals.get(info.dtype, 0) + info.numel
+    return max(totals, key=lambda d: totals[d]) if totals else "float32"
+
+
+def _shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _load_strict(model: nn.Module, state: Mapping[str, Tensor]) -> str | None:
+    """Load strictly; the error text when the state does not fit, else None."""
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
+@dataclass
+class _Run:
+    """State shared by the stages of one verify run."""
+
+    arch: Arch
+    batch_sizes: tuple[int, ...]
+    tol: dict[str, Tolerance]
+    inputs: dict[int, Tensor] = field(default_factory=dict)
+    plain: nn.Module | None = None
+    plain_skip: str = ""
+    plain_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
+    unfolded_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
+    graph: Path | None = None
+    graph_skip: str = "no --onnx given"
+    runner: onnx_stage.OrtRunner | None = None
+    reference: nn.Module | None = None
+    reference_graph: Path | None = None
+
+    def outputs_of_plain(self) -> dict[int, list[Tensor]]:
+        assert self.plain is not None
+        if not self.plain_outputs:
+            self.plain_outputs = _forward(self.plain, self.inputs)
+        return self.plain_outputs
+
+
+def _forward(model: nn.Module, inputs: Mapping[int, Tensor]) -> dict[int, list[Tensor]]:
+    with torch.no_grad():
+        return {b: [t.float() for t in flatten_outputs(model(x))] for b, x in inputs.items()}
+
+
+def _comparisons(
+    actual: Mapping[int, list[Tensor]], expected: Mapping[int, list[Tensor]], tol: Tolerance
+) -> list[Comparison]:
+    return [
+        c for b in expected for c in compare_outputs(actual[b], expected[b], atol=tol.atol, rtol=tol.rtol, batch_size=b)
+    ]
+
+
+def _verdict(comparisons: list[Comparison], tol: Tolerance) -> tuple[bool, dict[str, Any], str]:
+    ok, numbers, worst = summarize(comparisons)
+    numbers["atol"], numbers["rtol"] = tol.atol, tol.rtol
+    assert worst is not None
+    batches = ", ".join(str(b) for b in dict.fromkeys(c.batch_size for c in comparisons))
+    if ok:
+        exact = " (bit-exact)" if numbers["max_abs"] == 0 else ""
+        return ok, numbers, f"max abs {numbers['max_abs']:.3g}{exact} at batch {batches}, within atol {tol.atol:g}"
+    return ok, numbers, worst.describe()
+
+
+def _stage_fold(run: _Run, paired_ck: Checkpoint) -> StageResult:
+    assert run.plain is not None
+    paired = paired_ck.to_state_dict()
+    plain_part, _ = split_paired(paired)
+    unfolded = run.arch.build(plain_part, paired_ck.metadata)
+    attach(unfolded, paired)
+    problem = _load_strict(unfolded, paired)
+    if problem:
+        raise BadInputError(f"{paired_ck.path}: does not load strictly into the model with its pathway: {problem}")
+    target = run.arch.build(plain_part, paired_ck.metadata)
+    problem = _load_strict(target, plain_part)
+    if problem:
+        raise BadInputError(f"{paired_ck.path}: its plain part does not load strictly into the model: {problem}")
+    lam = scales(unfolded)
+    run.unfolded_outputs = _forward(unfolded.float().eval(), run.inputs)
+    first = run.batch_sizes[0]  # the pathway's effect needs one batch, not all
+    target_outputs = _forward(target.float().eval(), {first: run.inputs[first]})
+    del unfolded, target
+    tol = run.tol["fold"]
+    ok, numbers, line = _verdict(_comparisons(run.outputs_of_plain(), run.unfolded_outputs, tol), tol)
+    effect = max(
+        (
+            float((u - t).abs().max()) if u.numel() and u.shape == t.shape else math.inf
+            for u, t in zip(run.unfolded_outputs[first], target_outputs[first], strict=False)
+        ),
+        default=0.0,
+    )
+    numbers |= {
+        "pathways": len(lam),
+        "max_abs_lambda": max((abs(v) for v in lam.values()), default=0.0),
+        "pathway_effect_max_abs": effect,
+        "compared": "PLAIN (folded) vs PAIRED with its pathway (unfolded), PyTorch float32 eval",
+    }
+    numbers["pathway_effect_batch_size"] = first
+    effect_line = f"the pathway moves the output by up to {effect:.3g} (unfolded vs target without it, batch {first})"
+    if effect == 0:
+        effect_line = "the pathway changes nothing (λ = 0?): this comparison is trivial"
+    status = "pass" if ok else "fail"
+    return StageResult("fold", status, 0.0, f"folded vs unfolded: {line}; {effect_line}", numbers)
+
+
+def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bool) -> StageResult:
+    assert run.plain is not None
+    numbers: dict[str, Any] = {"opset_requested": opset}
+    if isinstance(onnx, Path) and onnx.exists():
+        path, source = onnx, "given"
+    else:
+        path = onnx if isinstance(onnx, Path) else tmp / "plain.onnx"
+        source = "exported" if isinstance(onnx, Path) else "exported (temporary)"
+        start = time.perf_counter()
+        try:
+            onnx_stage.export(run.plain, run.inputs[max(run.batch_sizes)], path, opset=opset)
+        except Exception as exc:
+            log.debug("ONNX export failed", exc_info=True)
+            run.graph_skip = "the export of PLAIN failed"
+            return StageResult("onnx", "fail", 0.0, f"torch.onnx.export failed: {error_line(exc)}", numbers)
+        numbers["export_seconds"] = time.perf_counter() - start
+    numbers |= {"path": str(path), "source": source}
+    try:
+        onnx_stage.check_model(path)
+    except Exception as exc:
+        run.graph_skip = "PLAIN's graph fails onnx.checker"
+        return StageResult("onnx", "fail", 0.0, f"onnx.checker: {error_line(exc)}", numbers)
+    run.graph = path
+    try:
+        run.runner = onnx_stage.OrtRunner(path)
+        numbers["ort"] = run.runner.settings
+        ort_out = {b: run.runner(x) for b, x in run.inputs.items()}
+    except Exception as exc:
+        return StageResult("onnx", "fail", 0.0, f"ONNX Runtime: {error_line(exc)}", numbers)
+    against = against and bool(run.unfolded_outputs)  # without them the fold stage failed already
+    expected = run.unfolded_outputs if against else run.outputs_of_plain()
+    numbers["compared"] = "ONNX Runtime vs " + ("PAIRED unfolded in PyTorch" if against else "PLAIN in PyTorch")
+    tol = run.tol["onnx"]
+    ok, found, line = _verdict(_comparisons(ort_out, expected, tol), tol)
+    numbers |= found
+    if against:
+        _, vs_plain, _ = summarize(_comparisons(ort_out, run.outputs_of_plain(), tol))
+        numbers["vs_plain_pytorch_max_abs"] = vs_plain.get("max_abs")
+        line += f" (ORT vs PLAIN in PyTorch: max abs {vs_plain.get('max_abs', 0.0):.3g})"
+    what = "ORT vs unfolded PyTorch" if against else "ORT vs PyTorch"
+    return StageResult("onnx", "pass" if ok else "fail", 0.0, f"{what}: {line}; graph {source}", numbers)
+
+
+def _stage_cost(
+    run: _Run, plain_part: Mapping[str, Tensor], metadata: Mapping[str, str], tmp: Path, opset: int, onnx_asked: bool
+) -> StageResult:
+    assert run.plain is not None
+    run.reference = run.arch.reference(plain_part, metadata).float().eval()
+    # The same weights in the reference: exporters drop or fold constant initialisers (all-ones LayerNorm
+    # weights, zero biases of a fresh model), so fresh weights would make two equal structures look different.
+    try:
+        run.reference.load_state_dict(plain_part, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        return StageResult("cost", "fail", 0.0, f"PLAIN's tensors do not fit the plain reference: {first}", {})
+    x1 = run.inputs[1] if 1 in run.inputs else run.inputs[max(run.batch_sizes)][:1]
+    params = (cost.count_params(run.plain), cost.count_params(run.reference))
+    flops = (cost.count_flops(run.plain, x1), cost.count_flops(run.reference, x1))
+    graphs = None
+    graph_skip = run.graph_skip if onnx_asked else "no --onnx given"
+    if run.graph is not None:
+        run.reference_graph = onnx_stage.export(
+            run.reference, run.inputs[max(run.batch_sizes)], tmp / "reference.onnx", opset=opset
+        )
+        graphs = (onnx_stage.summarize_graph(run.graph), onnx_stage.summarize_graph(run.reference_graph))
+    return cost.cost_result(
+        params=params,
+        flops=flops,
+        graphs=graphs,
+        graph_skip=graph_skip,
+        reference_note=run.arch.reference_note,
+        configs=(run.arch.describe(run.plain), run.arch.describe(run.reference)),
+    )
+
+
+def _stage_latency(run: _Run, warmup: int, runs: int, max_ratio: float | None) -> StageResult:
+    plain, graph = run.runner, run.reference_graph
+    assert plain is not None and graph is not None
+    reference = onnx_stage.OrtRunner(graph)
+    b = run.batch_sizes[0]
+    x = run.inputs[b]
+    numbers = latency.measure(lambda: plain(x), lambda: reference(x), warmup=warmup, runs=runs)
+    numbers["batch_size"] = b
+    return latency.latency_result(numbers, max_ratio)
+
+
+def _timed(name: str, fn: Callable[[], StageResult]) -> StageResult:
+    """Run a stage; an unexpected error (exporter, ORT, a user model) is a failed stage, bad input propagates."""
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except MMSurgeryError:
+        raise
+    except Exception as exc:
+        log.debug("stage %s raised", name, exc_info=True)
+        result = StageResult(name, "fail", 0.0, error_line(exc), {"error": type(exc).__name__})
+    return dataclasses.replace(result, seconds=time.perf_counter() - start)
+
+
+def _skip(name: str, why: str) -> StageResult:
+    return StageResult(name, "skip", 0.0, why)
+
+
+def verify(
+    plain: str | os.PathLike[str],
+    *,
+    against: str | os.PathLike[str] | None = None,
+    onnx: str | os.PathLike[str] | bool | None = None,
+    arch: str | Arch = "vit",
+    inputs: str | os.PathLike[str] | None = None,
+    batch_sizes: Sequence[int] | str = DEFAULT_BATCH_SIZES,
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_latency_ratio: float | None = None,
+    heads: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+    latency_warmup: int = 3,
+    latency_runs: int = 15,
+) -> Report:
+    """Verify the plain checkpoint `plain` (see docs/verify.md) and return the `Report`; never prints.
+
+    `against`: the trained paired checkpoint it was folded from (enables the fold stage; the onnx stage then
+    compares ONNX Runtime with this unfolded model, the source of truth). `onnx`: True exports PLAIN to a temp
+    dir; a path to an existing `.onnx` is taken as is, a new path is exported there and kept. `arch`: "vit" or
+    "package.module:factory". Raises `BadInputError` on bad input or options, before any expensive work.
+    """
+    started = time.perf_counter()
+    sizes = parse_batch_sizes(batch_sizes)
+    for name, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise BadInputError(f"{name} {value}: must be a finite number >= 0")
+    if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
+        raise BadInputError(f"--max-latency-ratio {max_latency_ratio}: must be a finite number > 0")
+    if not 7 <= opset <= 30:
+        raise BadInputError(f"--opset {opset}: choose an ONNX opset between 7 and 30 (default 20)")
+    if latency_runs < 1 or latency_warmup < 0:
+        raise BadInputError("latency_runs must be >= 1 and latency_warmup >= 0")
+    architecture = arch if isinstance(arch, Arch) else load_arch(arch, heads)
+    onnx_opt = check_onnx_option(onnx)
+    given_inputs = read_inputs(inputs, sizes) if inputs is not None else None
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmsurgery-verify-")))
+        plain_ck = stack.enter_context(open_checkpoint(plain))
+        paired_ck = stack.enter_context(open_checkpoint(against)) if against is not None else None
+        dtype = _dominant_dtype(plain_ck)
+        run = _Run(architecture, sizes, tolerances_for(dtype, atol, rtol))
+        plain_state = plain_ck.to_state_dict()
+        plain_part, _ = split_paired(plain_state)
+        model = architecture.build(plain_part, plain_ck.metadata)
+        paired_shapes = {k: i.shape for k, i in paired_ck.infos.items()} if paired_ck is not None else None
+        plain_shapes = {k: i.shape for k, i in plain_ck.infos.items()}
+        stages = [_timed("keys", lambda: check_keys(plain_shapes, _shapes(model.state_dict()), paired_shapes))]
+        problem = _load_strict(model, plain_part)
+        if problem:
+            run.plain_skip = f"PLAIN does not load into the architecture (see keys): {problem}"
+        else:
+            run.plain = model.float().eval()
+        run.inputs = make_inputs(architecture, model, sizes, seed, given_inputs)
+
+        def gated(name: str, fn: Callable[[], StageResult]) -> StageResult:
+            return _skip(name, run.plain_skip) if run.plain is None else _timed(name, fn)
+
+        if paired_ck is None:
+            stages.append(_skip("fold", "no --against PAIRED given"))
+        else:
+            stages.append(gated("fold", lambda: _stage_fold(run, paired_ck)))
+        if onnx_opt is None:
+            stages.append(_skip("onnx", "no --onnx given"))
+        else:
+            stages.append(gated("onnx", lambda: _stage_onnx(run, onnx_opt, tmp, opset, paired_ck is not None)))
+        stages.append(
+            gated("cost", lambda: _stage_cost(run, plain_part, plain_ck.metadata, tmp, opset, onnx_opt is not None))
+        )
+        if onnx_opt is None:
+            stages.append(_skip("latency", "needs an ONNX graph (--onnx)"))
+        elif run.runner is None or run.reference_graph is None:
+            stages.append(_skip("latency", "needs PLAIN's graph in ONNX Runtime and the reference graph"))
+        else:
+            stages.append(
+                _timed("latency", lambda: _stage_latency(run, latency_warmup, latency_runs, max_latency_ratio))
+            )
+        run.runner = None
+
+    versions = {"mmsurgery": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    if onnx_opt is not None:
+        versions |= onnx_stage.versions()
+    report_inputs: dict[str, Any] = {
+        "plain": str(plain),
+        "against": str(against) if against is not None else None,
+        "onnx": str(onnx_opt) if isinstance(onnx_opt, Path) else ("temporary" if onnx_opt else None),
+        "arch": architecture.name,
+        "batch_sizes": list(sizes),
+        "seed": seed,
+        "inputs_file": str(inputs) if inputs is not None else None,
+        "input_shapes": {str(b): list(x.shape) for b, x in run.inputs.items()},
+        "opset": opset,
+        "dtype": dtype,
+        "heads": heads,
+        "max_latency_ratio": max_latency_ratio,
+    }
+    tolerances = {
+        "dtype": dtype,
+        "source": "default" if atol is None and rtol is None else "override",
+        **{stage: tol.to_json() for stage, tol in run.tol.items()},
+    }
+    return Report(tuple(stages), report_inputs, tolerances, versions, time.perf_counter() - started)

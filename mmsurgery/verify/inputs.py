@@ -1,0 +1,95 @@
+"""Options and inputs of a verify run, checked before anything expensive: batch sizes, the `--onnx` value,
+`--inputs FILE`, and the seeded example inputs (one fresh `torch.Generator().manual_seed(seed)` per batch size).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mmsurgery.errors import BadInputError, MMSurgeryError
+from mmsurgery.verify import onnx_stage
+from mmsurgery.verify.arch import Arch
+from mmsurgery.verify.report import error_line
+
+__all__ = ["check_onnx_option", "make_inputs", "parse_batch_sizes", "read_inputs"]
+
+
+def parse_batch_sizes(value: Sequence[int] | str) -> tuple[int, ...]:
+    """`"1,4"` or `[1, 4]` → (1, 4): at least two distinct sizes in 1..1024 (dynamic batch is checked at each)."""
+    if isinstance(value, str):
+        try:
+            sizes = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise BadInputError(f"--batch-sizes {value!r}: use comma-separated integers, e.g. 1,4") from None
+    else:
+        sizes = [int(v) for v in value]
+    sizes = list(dict.fromkeys(sizes))
+    if len(sizes) < 2 or any(not 1 <= b <= onnx_stage.MAX_BATCH for b in sizes):
+        raise BadInputError(
+            f"--batch-sizes {value!r}: give at least two distinct batch sizes between 1 and {onnx_stage.MAX_BATCH}"
+        )
+    return tuple(sizes)
+
+
+def check_onnx_option(onnx: str | os.PathLike[str] | bool | None) -> Path | bool | None:
+    if onnx is None or onnx is False:
+        return None
+    if onnx is True:
+        return True
+    path = Path(onnx)
+    if path.suffix != ".onnx":
+        raise BadInputError(
+            f"--onnx {path}: an ONNX file must end in .onnx (give --onnx alone to export to a temp dir)"
+        )
+    if path.exists():
+        if not path.is_file():
+            raise BadInputError(f"--onnx {path}: not a file")
+        onnx_stage.probe_onnx_file(path)
+    elif not path.parent.is_dir():
+        raise BadInputError(f"--onnx {path}: folder {path.parent} does not exist")
+    return path
+
+
+def read_inputs(path: str | os.PathLike[str], batch_sizes: Sequence[int]) -> Tensor:
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"--inputs {p}: no such file")
+    try:
+        with safe_open(os.fspath(p), "pt") as f:
+            if "input" not in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                raise BadInputError(f"--inputs {p}: no tensor named 'input' (found {sorted(f.keys())[:5]})")
+            x = f.get_tensor("input")
+    except MMSurgeryError:
+        raise
+    except Exception as exc:
+        raise BadInputError(f"--inputs {p}: not a readable safetensors file ({error_line(exc)})") from exc
+    if x.ndim == 0 or x.shape[0] < max(batch_sizes):
+        raise BadInputError(
+            f"--inputs {p}: 'input' has shape {list(x.shape)}; its first (batch) dimension must be at least "
+            f"{max(batch_sizes)}, the largest --batch-sizes"
+        )
+    return x.float() if x.is_floating_point() else x
+
+
+def make_inputs(
+    arch: Arch, model: nn.Module, batch_sizes: Sequence[int], seed: int, given: Tensor | None
+) -> dict[int, Tensor]:
+    if given is not None:
+        return {b: given[:b].contiguous() for b in batch_sizes}
+    out: dict[int, Tensor] = {}
+    for b in batch_sizes:
+        x = arch.example_input(model, b, torch.Generator().manual_seed(seed))
+        if x is None:
+            raise BadInputError(
+                f"--arch {arch.name}: no example_input(batch_size, generator) on the model or its module; "
+                "define one or pass --inputs FILE (a safetensors file with a batch-first tensor named 'input')"
+            )
+        out[b] = x
+    return out
