@@ -41,6 +41,7 @@ def test_timm_from_timm_is_identity_copy(tmp_path) -> None:
     t, a = timm_vit(seed=0), timm_vit(seed=1)
     res = pair(save(tmp_path, "t.safetensors", t), save(tmp_path, "a.safetensors", a), tmp_path / "p.safetensors")
     assert res.plan.summary == "12 of 12 linears paired, 0 skipped; depth 3 <- 3 (stretch)"
+    assert not any("several target blocks" in w for w in res.plan.warnings)  # 3 <- 3: each aux block used once
     out = load_file(res.output)
     for k, v in t.items():
         assert torch.equal(out[k], v)  # every target tensor unchanged
@@ -74,6 +75,7 @@ def test_vit_small_from_real_minilm_fused_from_split(tmp_path, minilm_path) -> N
     assert res.plan.aux.sha256 == plan["aux"]["sha256"]
     assert json.loads(meta["mmsurgery.vit"])["num_heads"] == 6  # the head-dim-64 rule for width 384
     assert any("post-norm" in w for w in plan["warnings"])
+    assert any("several target blocks" in w for w in plan["warnings"])  # 12 <- 6: each aux block used twice
 
 
 def test_hf_vit_split_from_timm_fused(tmp_path) -> None:

@@ -225,7 +225,7 @@ def _warnings(t: Stack, a: Stack, pairs: Sequence[Pair]) -> list[str]:
     out = []
     if t.norm != a.norm and "unknown" not in (t.norm, a.norm):
         out.append(f"norm placement differs: target {t.norm}-norm, aux {a.norm}-norm (shapes match; semantics differ)")
-    reused = Counter(p.aux_block for p in pairs if p.role in ("qkv", "q", "attn_out"))
+    reused = Counter(aux for aux, _ in {(p.aux_block, p.target_block) for p in pairs})
     if any(n > 1 for n in reused.values()):
         out.append("some aux blocks feed several target blocks; each target linear gets its own copy of W_aux")
     if a.ema or a.decoder:
