@@ -113,6 +113,7 @@ def main() -> int:
     cmd("inspect", trained)
 
     step(5, "verify the folded model for deployment")
+    (out / "trained.plain.onnx").unlink(missing_ok=True)  # verify takes an existing graph as is: export afresh
     code = cmd(
         "verify", plain, "--against", trained, "--onnx", out / "trained.plain.onnx",
         "--json", out / "verify.json", "--junit", out / "verify.junit.xml",
