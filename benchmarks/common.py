@@ -114,3 +114,18 @@ def interleave(variants: dict[str, Callable[[], dict[str, float]]], repeats: int
 
 def median(rows: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
+
+
+def print_table(
+    results: dict[str, list[dict[str, float]]], baseline: str, wall: str = "wall after imports (s)"
+) -> None:
+    """A markdown table: median wall time, its ratio to `baseline`, whole-process time and peak memory."""
+    base = median(results[baseline], "seconds")
+    print(f"| method | {wall} | / {baseline} | whole process (s) | peak RSS (MB) | peak anon (MB) |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        s = median(rows, "seconds")
+        print(
+            f"| {name} | {s:.2f} | {s / base:.2f} | {median(rows, 'process_seconds'):.2f} | "
+            f"{median(rows, 'rss_mb'):.0f} | {median(rows, 'anon_mb'):.0f} |"
+        )

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SIZES, interleave, make_vit, median, run_child
+from common import SIZES, interleave, make_vit, print_table, run_child
 
 NAIVE = """
 import torch
@@ -77,20 +77,12 @@ def bench(size: str, repeats: int, root: Path) -> None:
     results = interleave(
         {"cp + sync": cp, "mmsurgery fold": fold, "naive fold": naive, "imports only": imports}, repeats
     )
-    base = median(results["cp + sync"], "seconds")
     gb = target.stat().st_size / 1e9
     print(
         f"\n{size}: paired input {paired.stat().st_size / 1e9:.2f} GB, plain output {gb:.2f} GB, "
         f"largest tensor {largest_mb:.0f} MiB; median of {repeats}, hot page cache"
     )
-    print("| method | wall after imports (s) | / cp | whole process (s) | peak RSS (MB) | peak anon (MB) |")
-    print("|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        s = median(rows, "seconds")
-        print(
-            f"| {name} | {s:.2f} | {s / base:.2f} | {median(rows, 'process_seconds'):.2f} | "
-            f"{median(rows, 'rss_mb'):.0f} | {median(rows, 'anon_mb'):.0f} |"
-        )
+    print_table(results, "cp + sync")
 
 
 def main() -> None:

@@ -9,14 +9,13 @@ interleaved; each runs in its own process so its peak memory is its own.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SIZES, interleave, make_vit, median, run_child
+from common import SIZES, interleave, make_vit, print_table, run_child
 
 
 def main() -> None:
@@ -56,19 +55,8 @@ def main() -> None:
     results = interleave(
         {"cp target+aux": cp, "pair": lambda: pair(True), "pair (no sha256)": lambda: pair(False)}, args.repeats
     )
-    base = median(results["cp target+aux"], "seconds")
     print(f"\n{args.size}: target + aux = {size_gb:.2f} GB; paired output written and synced; median of {args.repeats}")
-    print("| method | wall (s) | / cp | process incl. imports (s) | peak RSS (MB) | peak anon (MB) |")
-    print("|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        s = median(rows, "seconds")
-        print(
-            f"| {name} | {s:.2f} | {s / base:.2f} | {median(rows, 'process_seconds'):.2f} | "
-            f"{median(rows, 'rss_mb'):.0f} | {median(rows, 'anon_mb'):.0f} |"
-        )
-    print(f"\ncommand: {' '.join(sys.argv)}")
-    if "--keep" not in sys.argv:
-        shutil.rmtree(work)
+    print_table(results, "cp target+aux", wall="wall (s)")
 
 
 if __name__ == "__main__":
