@@ -167,21 +167,36 @@ def plot(rows: list[dict], arms: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def _settings(row: dict) -> dict[str, object]:
+    train = row["config"]["train"]
+    return {
+        "train_size": row["config"]["train_size"],
+        "epochs": train["epochs"],
+        "batch_size": train["batch_size"],
+        "lr": train["lr"],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--arms", default="all", help="comma-separated subset of: " + ", ".join(ARMS))
     ap.add_argument("--train-size", type=int, default=256, help="a fixed small training split")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--plot", action="store_true", help="draw accuracy.png and lambda.png (matplotlib)")
     args = ap.parse_args()
     arms = list(ARMS) if args.arms == "all" else args.arms.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    settings = {"train_size": args.train_size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    stale = [r for r in rows if _settings(r) != settings]
+    if stale:
+        print(f"{results}: {len(stale)} rows were made with other settings; use another --out", file=sys.stderr)
+        return 2
     done = {(r["arm"], r["seed"]) for r in rows}
     data = load_digits_tensors(CONFIG.img_size, CONFIG.in_chans, split_seed=0)
     aux = minilm_aux()
