@@ -1,7 +1,7 @@
 """`mmsurgery fold` on ViT-L- and ViT-H-sized synthetic paired checkpoints, against `cp` of the output bytes and
 a naive fold (load both whole, add, save), all in the same run, interleaved, each in its own process.
 
-    .venv/bin/python benchmarks/fold.py [--sizes vit_l,vit_h] [--repeats 3] [--dir /tmp/mmsurgery-bench]
+    .venv/bin/python benchmarks/fold.py [--sizes vit_l,vit_h] [--repeats 3] [--dir DIR]
 
 Reported: wall time after imports (and of the whole process), its ratio to `cp` + `sync` of a file of the
 output's size, peak RSS (VmHWM: it counts memory-mapped input pages, which are reclaimable page cache) and
@@ -14,6 +14,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="vit_l,vit_h")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/mmsurgery-bench"))
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "mmsurgery-bench")
     ap.add_argument("--keep", action="store_true", help="Keep the synthetic files for another run.")
     args = ap.parse_args()
     for size in args.sizes.split(","):

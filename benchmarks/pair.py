@@ -3,7 +3,7 @@
 Baseline, in the same run: `cp` of the same bytes (the target and the auxiliary file). Variants are
 interleaved; each runs in its own process so its peak memory is its own.
 
-    .venv/bin/python benchmarks/pair.py [--size vit_l] [--repeats 3] [--dir /tmp/mmsurgery-bench]
+    .venv/bin/python benchmarks/pair.py [--size vit_l] [--repeats 3] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="vit_l")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/mmsurgery-bench"))
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "mmsurgery-bench")
     args = ap.parse_args()
     work = args.dir / f"pair-{args.size}"
     work.mkdir(parents=True, exist_ok=True)
