@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="steps per memory subprocess, after 1 warm-up")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--measure-memory", action="store_true", help="peak RSS per variant, one process each")
+    p.add_argument("--fused", action="store_true", help="torch's fused AdamW (one kernel for all parameters)")
     p.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -59,9 +60,9 @@ def build(variant: str, img_size: int) -> nn.Module:
     return attach(model, paired, aux_trainable=variant == "pathway-trainable-aux")
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = False) -> Callable[[], float]:
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, 0.05, lr=1e-4), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups(model, 0.05, lr=1e-4), lr=1e-4, fused=fused or None)
 
     def step() -> float:
         start = time.perf_counter()
@@ -93,7 +94,7 @@ def peak_rss_mib() -> float:
 
 def memory_child(args: argparse.Namespace) -> None:
     model = build(args.memory_child, args.img_size)
-    step = make_step(model, *data(args.batch, args.img_size))
+    step = make_step(model, *data(args.batch, args.img_size), fused=args.fused)
     times = [step() for _ in range(1 + args.steps)]
     peak_mib = peak_rss_mib()
     print(
@@ -108,6 +109,8 @@ def measure_memory(args: argparse.Namespace) -> dict[str, float]:
                "--img-size", str(args.img_size), "--steps", str(args.steps)]  # fmt: skip
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.fused:
+            cmd.append("--fused")
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         peaks[variant] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
     return peaks
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = measure_memory(args) if args.measure_memory else {}  # first, while this process is still small
     x, y = data(args.batch, args.img_size)
     models = {v: build(v, args.img_size) for v in VARIANTS}
-    steps = {v: make_step(m, x, y) for v, m in models.items()}
+    steps = {v: make_step(m, x, y, fused=args.fused) for v, m in models.items()}
     for step in steps.values():  # warm-up: allocator, AdamW state, oneDNN primitives
         step()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -132,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             times[v].append(steps[v]())
 
     base = statistics.median(times["plain"])
-    print(f"# train_overhead: ViT-S, batch {args.batch}, {args.img_size} px, AdamW, {args.rounds} interleaved rounds")
+    print(
+        f"# train_overhead: ViT-S, batch {args.batch}, {args.img_size} px, {'fused ' if args.fused else ''}AdamW, {args.rounds} interleaved rounds"
+    )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print()
     print("| variant | trainable params | median step (s) | min step (s) | ratio to plain | median per-round ratio "
