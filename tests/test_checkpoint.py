@@ -251,3 +251,15 @@ def test_malicious_pickle_is_refused_and_named(tmp_path, make, capfd) -> None:
     with pytest.raises(UnsafeCheckpointError, match=r"posix\.system|os\.system"):
         open_checkpoint(make(tmp_path))
     assert "pwned" not in capfd.readouterr().out  # the payload never ran
+
+
+def test_no_space_is_reported_before_streaming_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space"):
+        write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(8)})
+    assert list(tmp_path.iterdir()) == []

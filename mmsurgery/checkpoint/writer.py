@@ -7,6 +7,7 @@ target folder, fsynced, and renamed only when all of them are complete: no half-
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -176,8 +177,15 @@ class SafetensorsWriter:
         target = self.targets[shard]
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         self._temps.append(Path(tmp))
+        header = _header(self._groups[shard], self.metadata)
+        try:  # reserve the extents up front: fewer block allocations while streaming, and ENOSPC before any data
+            os.posix_fallocate(fd, 0, len(header) + sum(_nbytes(s) for s in self._groups[shard]))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate: write as usual
+                os.close(fd)
+                raise
         self._file = os.fdopen(fd, "wb")
-        self._file.write(_header(self._groups[shard], self.metadata))
+        self._file.write(header)
         self._shard = shard
 
     def _close_file(self) -> None:
