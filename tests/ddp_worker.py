@@ -57,6 +57,10 @@ def main() -> int:
         failures.append(f"rank {rank}: W_aux differs across ranks")
     if not _same_on_all_ranks(model.state_dict()["blocks.0.attn.qkv.weight"]):
         failures.append(f"rank {rank}: W differs across ranks")
+    # Tear down together: a rank destroying the group while the other still talks to it can abort in gloo
+    # ("terminate called without an active exception", seen once in CI).
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
     if failures:
         print("\n".join(failures), file=sys.stderr)
