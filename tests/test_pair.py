@@ -220,3 +220,12 @@ def test_real_hf_vit_model_paired_with_minilm_attaches_strictly(tmp_path, minilm
         folded = pathway.fold(model)(pixel_values=x).last_hidden_state
     assert (unfolded - before).abs().max() > 1e-3  # λ = 0.05 on MiniLM weights changes the output
     assert torch.allclose(unfolded, folded, atol=1e-5, rtol=0)  # float32, bit-exact weights: 1e-5 is generous
+
+
+def test_aux_weight_takes_the_target_dtype_and_lambda_stays_float32(tmp_path) -> None:
+    t = {k: v.to(torch.bfloat16) for k, v in timm_vit().items()}
+    a = timm_vit(seed=1)  # float32
+    out = load_file(pair(save(tmp_path, "t.safetensors", t), save(tmp_path, "a.safetensors", a)).output)
+    assert out["blocks.0.attn.qkv.aux_weight"].dtype == torch.bfloat16
+    assert torch.equal(out["blocks.0.attn.qkv.aux_weight"], a["blocks.0.attn.qkv.weight"].to(torch.bfloat16))
+    assert out["blocks.0.attn.qkv.cross_modal_scale"].dtype == torch.float32

@@ -144,7 +144,8 @@ class _SafetensorsLoader(_Loader):
         self._headers = headers
         self._fds: dict[Path, int] = {}
 
-    def _read(self, name: str) -> tuple[bytes | None, Any, Any]:
+    def _read(self, name: str) -> tuple[Any, Any, Path]:
+        """(the file's header, the tensor's header entry, the file)."""
         file, raw = self._source[name]
         header = self._headers[file]
         return header, header.entries[raw], file

@@ -112,7 +112,7 @@ def write_paired(
         for name in target.infos:
             w.write(name, target.get(name))
         for p in plan.pairs:
-            dtype = target.get(p.target_key).dtype
+            dtype = getattr(torch, target.infos[p.target_key].dtype)  # from the header: no second read
             w.write(p.aux_weight_key, p.transform.apply([aux.get(k) for k in p.aux_keys], dtype=dtype))
             w.write(p.scale_key, torch.full((1,), float(init_scale), dtype=torch.float32))
         patch = {ph: job.result() for ph, job in (digests or {}).items()}
