@@ -133,7 +133,7 @@ class SafetensorsWriter:
         if self.index is not None:
             weight_map = {s.name: self.targets[i].name for i, g in enumerate(self._groups) for s in g}
             body = {"metadata": {"total_size": self.total_size, **self.metadata}, "weight_map": weight_map}
-            _atomic_text(self.index, json.dumps(body, indent=2) + "\n")
+            write_text_atomic(self.index, json.dumps(body, indent=2) + "\n")
         _fsync_dir(self.targets[0].parent)
         self._committed = True
         return WriteResult(tuple(self.targets), self.index, self.total_size)
@@ -248,10 +248,12 @@ def _header(specs: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to a temp file beside `path`, fsync, rename: a reader never sees a half-written file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -260,6 +262,7 @@ def _atomic_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mmsurgery.errors import BadInputError, MMSurgeryError
+from mmsurgery.checkpoint import open_checkpoint
+from mmsurgery.errors import BadInputError
 from mmsurgery.verify import onnx_stage
 from mmsurgery.verify.arch import Arch
-from mmsurgery.verify.report import error_line
 
 __all__ = ["check_onnx_option", "make_inputs", "parse_batch_sizes", "read_inputs"]
 
@@ -56,20 +56,11 @@ def check_onnx_option(onnx: str | os.PathLike[str] | bool | None) -> Path | bool
 
 
 def read_inputs(path: str | os.PathLike[str], batch_sizes: Sequence[int]) -> Tensor:
-    from safetensors import safe_open
-
     p = Path(path)
-    if not p.is_file():
-        raise BadInputError(f"--inputs {p}: no such file")
-    try:
-        with safe_open(os.fspath(p), "pt") as f:
-            if "input" not in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                raise BadInputError(f"--inputs {p}: no tensor named 'input' (found {sorted(f.keys())[:5]})")
-            x = f.get_tensor("input")
-    except MMSurgeryError:
-        raise
-    except Exception as exc:
-        raise BadInputError(f"--inputs {p}: not a readable safetensors file ({error_line(exc)})") from exc
+    with open_checkpoint(p) as ck:  # any checkpoint format; a missing or damaged file is a BadInputError
+        if "input" not in ck:
+            raise BadInputError(f"--inputs {p}: no tensor named 'input' (found {sorted(ck.keys())[:5]})")
+        x = ck.get("input")
     if x.ndim == 0 or x.shape[0] < max(batch_sizes):
         raise BadInputError(
             f"--inputs {p}: 'input' has shape {list(x.shape)}; its first (batch) dimension must be at least "

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mmsurgery.checkpoint.writer import write_text_atomic
 from mmsurgery.errors import BadInputError
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "Status",
     "check_output_path",
     "error_line",
-    "write_text_atomic",
 ]
 
 SCHEMA = "mmsurgery.verify/1"
@@ -150,19 +149,3 @@ def check_output_path(path: str | os.PathLike[str]) -> None:
         raise BadInputError(f"{dest}: is a folder; give a file name for the report")
     if not dest.parent.is_dir():
         raise BadInputError(f"{dest}: folder {dest.parent} does not exist")
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to a temp file beside `path`, fsync, rename: a reader never sees a half-written report."""
-    dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
