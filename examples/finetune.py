@@ -1,6 +1,6 @@
 """Fine-tune a paired checkpoint with the Multimodal Pathway on scikit-learn's digits (CPU is enough).
 
-A paired checkpoint is a safetensors file with the target ViT's timm keys plus `P.aux_weight` and
+A paired checkpoint (safetensors, sharded, or a `.pt` as training code saves it) holds the target ViT's timm keys plus `P.aux_weight` and
 `P.cross_modal_scale` per pathway linear; its metadata may hold the ViT config as JSON under `mmsurgery.vit`.
 A head of the wrong size (or none) is replaced by a fresh 10-class head. The trained paired checkpoint keeps
 the input's metadata (with the config updated) and can be folded into a plain ViT afterwards.
@@ -16,22 +16,21 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
+from mmsurgery.checkpoint import open_checkpoint, write_safetensors
 from mmsurgery.data.digits import NUM_CLASSES, load_digits_tensors
 from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, ViTConfig, config_from_state_dict
 from mmsurgery.pathway import attach, param_groups, scales, split_paired
+from mmsurgery.training import accuracy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,12 +48,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     return p.parse_args(argv)
-
-
-def read_paired(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    return load_file(str(path)), metadata
 
 
 def build_model(
@@ -75,28 +68,6 @@ def build_model(
     return model
 
 
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in DataLoader(data, batch_size=batch_size):
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
-
-
-def save_atomic(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -107,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     torch.manual_seed(args.seed)  # the same fresh head on every rank
-    state, metadata = read_paired(args.paired)
+    with open_checkpoint(args.paired) as ck:  # safetensors, shards, or a .pt as training code saves it
+        state, metadata = ck.to_state_dict(), dict(ck.metadata)
     model = build_model(state, metadata, args.num_heads, args.aux_frozen)
     config: ViTConfig = model.config
     splits = load_digits_tensors(config.img_size, config.in_chans, split_seed=args.split_seed)
@@ -148,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank == 0:
         out_meta = {**metadata, METADATA_KEY: json.dumps(config.to_dict())}
-        save_atomic(model.state_dict(), out_meta, args.out)
+        write_safetensors(args.out, model.state_dict(), metadata=out_meta, force=True, inputs=[args.paired])
         log(f"saved {args.out}")
     if distributed:
         dist.barrier()
