@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from mmsurgery.describe import Description
-from mmsurgery.fold import FoldResult
-from mmsurgery.pairing.plan import Plan
+# Types only: importing mmsurgery.fold or mmsurgery.verify loads torch, and `inspect` on a safetensors file
+# must not (tests/test_cli_inspect.py runs the console script and checks).
+if TYPE_CHECKING:
+    from mmsurgery.describe import Description
+    from mmsurgery.fold import FoldResult
+    from mmsurgery.pairing.plan import Plan
+    from mmsurgery.verify.report import Report
 
 
 def human_bytes(n: int) -> str:
@@ -204,13 +210,6 @@ def fold_result(r: FoldResult) -> Text:
 def print_error(console: Console, message: str) -> None:
     console.print(Text("error: ", style="bold red") + Text(message))
 
-
-# `mmsurgery verify`. Its types are imported for type checking only: importing mmsurgery.verify loads torch, and
-# the other commands (inspect on a safetensors file) must not.
-from typing import TYPE_CHECKING  # noqa: E402
-
-if TYPE_CHECKING:
-    from mmsurgery.verify.report import Report
 
 _VERIFY_STATUS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "skip": ("skip", "dim")}
 _VERIFY_NUMBERS = {

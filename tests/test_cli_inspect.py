@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,24 +109,26 @@ def test_usage_error_exit_2(cli) -> None:
     assert cli("no-such-command").code == 2
 
 
-def test_inspect_safetensors_reads_header_only_without_torch(tmp_path) -> None:
-    """A large file is described from its header: no torch import, no tensor read, well under a second."""
-    p = tmp_path / "big.safetensors"
-    # A sparse 2 GB file: a real header, data that was never written. Reading any tensor would page it in.
+def _sparse_vit(path: Path) -> int:
+    """A sparse 2 GB safetensors file with a real header and data that was never written (reading any tensor
+    would page it in). Returns its parameter count."""
     n = 1024 * 1024 * 1024 // 4  # 1 GiB of float32 per tensor
     header = {
-        f"blocks.{i}.attn.qkv.weight" if i < 1 else "blocks.0.mlp.fc1.weight": {
-            "dtype": "F32",
-            "shape": [n // 1024, 1024],
-            "data_offsets": [i * 4 * n, (i + 1) * 4 * n],
-        }
-        for i in range(2)
+        name: {"dtype": "F32", "shape": [n // 1024, 1024], "data_offsets": [i * 4 * n, (i + 1) * 4 * n]}
+        for i, name in enumerate(("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"))
     }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    with p.open("wb") as f:
+    with path.open("wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         f.truncate(8 + len(raw) + 2 * 4 * n)
+    return 2 * n
+
+
+def test_inspect_safetensors_reads_header_only_without_torch(tmp_path) -> None:
+    """A large file is described from its header: no torch import, no tensor read, well under a second."""
+    p = tmp_path / "big.safetensors"
+    n = _sparse_vit(p)
     code = (
         "import sys, time, re; t = time.perf_counter(); from mmsurgery.describe import describe;"
         f"d = describe({str(p)!r}); dt = time.perf_counter() - t;"
@@ -134,7 +137,27 @@ def test_inspect_safetensors_reads_header_only_without_torch(tmp_path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     seconds, torch_loaded, rss_kb, params = float(out[0]), out[1], int(out[2]), int(out[3])
-    assert params == 2 * n
+    assert params == n
     assert torch_loaded == "False"
     assert seconds < 1.0  # header only: typically ~0.05 s
     assert rss_kb < 100_000  # peak RSS of the process, far below the 2 GB of data (measured ~17 MB)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_console_script_inspect_never_imports_torch(tmp_path, as_json) -> None:
+    """The installed `mmsurgery` console script, as a user runs it: `-X importtime` (PYTHONPROFILEIMPORTTIME)
+    lists every module the process imported, and torch must not be one of them. The wall time is measured by
+    benchmarks/inspect.py, not asserted here."""
+    p = tmp_path / "big.safetensors"
+    _sparse_vit(p)
+    script = Path(sys.executable).with_name("mmsurgery")
+    assert script.is_file(), "the console script is installed beside the interpreter (pip install -e .)"
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    cmd = [str(script), "inspect", str(p), *(["--json"] if as_json else [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "blocks" in r.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert "mmsurgery.describe" in imported  # the import log is really there
+    heavy = [m for m in imported if m.split(".")[0] in ("torch", "numpy", "onnx", "onnxruntime", "safetensors")]
+    assert heavy == [], heavy
