@@ -202,9 +202,17 @@ def verify(
     ] = None,
     heads: Annotated[int | None, typer.Option("--heads", help="Attention heads of a built-in ViT.")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset of the exported graphs.")] = 20,
+    weights_ulps: Annotated[
+        int,
+        typer.Option(
+            "--weights-ulps",
+            help="Weights stage: allow N units in the last place per element (default 0: bit-identical). For "
+            "folds made by other tools, which may round differently.",
+        ),
+    ] = 0,
 ) -> None:
-    """Gate a folded checkpoint: keys, fold (vs --against), ONNX Runtime (--onnx), cost and latency vs a plain
-    reference. Exit 0: every stage passed or was skipped; 1: a check failed; 2: bad input or usage."""
+    """Gate a folded checkpoint: weights and fold (vs --against), keys, ONNX Runtime (--onnx), cost and latency
+    vs a plain reference. Exit 0: every stage passed or was skipped; 1: a check failed; 2: bad input or usage."""
     from mmsurgery.verify import verify as run_verify
     from mmsurgery.verify.report import check_output_path
 
@@ -223,6 +231,7 @@ def verify(
         max_latency_ratio=max_latency_ratio,
         heads=heads,
         opset=opset,
+        weights_ulps=weights_ulps,
     )
     if json_out is not None:
         report.write_json(json_out)

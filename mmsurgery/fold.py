@@ -12,11 +12,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.hashing import HashJob
-from mmsurgery.checkpoint.reader import TensorInfo, open_checkpoint
+from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
@@ -27,6 +28,8 @@ FOLDED_FORMAT = "folded/1"
 SCALES_KEY = "mmsurgery.scales"
 SOURCE_KEY = "mmsurgery.source_sha256"
 DTYPES = ("keep", "float32", "bfloat16", "float16")
+
+__all__ = ["DTYPES", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,64 @@ def default_output(paired: Path) -> Path:
     return paired.with_name(f"{stem}.plain.safetensors")
 
 
+class PlainTensors:
+    """What folding a paired checkpoint produces, tensor by tensor: the specs of the plain output (the input's
+    order, pathway tensors dropped, floating dtypes cast for `dtype`) and `tensor(name)`, the one computation of
+    each output tensor. `fold_file` writes these tensors; `verify`'s weights stage compares a PLAIN against them,
+    so the gate and the fold cannot disagree about what a correct fold is.
+
+    Build it with `plain_tensors(ck, dtype)`; it reads tensors from `ck` lazily, so `ck` must stay open.
+    """
+
+    def __init__(self, ck: Checkpoint, layers: list[str], scales: dict[str, float], dtype: str) -> None:
+        self.ck = ck
+        self.layers = layers
+        self.scales = scales
+        self.dtype = dtype
+        dropped = {f"{p}.{s}" for p in layers for s in (AUX_SUFFIX, SCALE_SUFFIX)}
+        self._folded = {f"{p}.weight": p for p in layers}
+        self.specs = [self._spec(i) for k, i in ck.infos.items() if k not in dropped]
+
+    def _spec(self, info: TensorInfo) -> TensorInfo:
+        cast = self.dtype != "keep" and info.dtype in FLOATING
+        return TensorInfo(info.name, self.dtype if cast else info.dtype, info.shape)
+
+    def is_folded(self, name: str) -> bool:
+        """Whether `name` is a pathway weight (`W + λ·W_aux`) rather than a tensor copied as it is."""
+        return name in self._folded
+
+    def tensor(self, name: str) -> Any:
+        """The output tensor `name`: `fold_weight(W, λ, W_aux)` for a pathway weight, the input tensor for every
+        other one; cast to the output dtype. Raises `FoldError` for a non-finite fold or an overflowing cast."""
+        import torch
+
+        t = self.ck.get(name)
+        p = self._folded.get(name)
+        if p is not None:
+            t = fold_weight(t, self.ck.get(f"{p}.{SCALE_SUFFIX}"), self.ck.get(f"{p}.{AUX_SUFFIX}"), name=p)
+        if self.dtype != "keep" and t.is_floating_point():
+            out_dtype = getattr(torch, self.dtype)
+            if t.dtype != out_dtype:
+                t = t.to(out_dtype)
+                if not torch.isfinite(t).all():
+                    raise FoldError(f"{name}: does not fit in {self.dtype} (overflow); use --dtype keep or float32")
+        return t
+
+
+def plain_tensors(ck: Checkpoint, dtype: str = "keep") -> PlainTensors:
+    """The fold of the paired checkpoint `ck` (see `PlainTensors`); no pathway layers means a plain input, whose
+    tensors pass through. Raises `FoldError` for an inconsistent paired file or a non-finite λ, and
+    `BadInputError` for an unknown `dtype`."""
+    if dtype not in DTYPES:
+        raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    layers = pathway_layers(ck)
+    scales = read_scales(ck, layers) if layers else {}
+    bad = [p for p, v in scales.items() if not math.isfinite(v)]
+    if bad:
+        raise FoldError(f"{bad[0]}: cross_modal_scale is {scales[bad[0]]}; refusing to fold ({len(bad)} layer(s))")
+    return PlainTensors(ck, layers, scales, dtype)
+
+
 def fold_file(
     paired: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -76,49 +137,26 @@ def fold_file(
     A checkpoint without pathway tensors is reported as already plain and nothing is written. A non-finite λ or
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
     """
-    import torch
-
     if dtype not in DTYPES:
         raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     with open_checkpoint(paired, key=key) as ck:
-        layers = pathway_layers(ck)
         hashing = HashJob(ck.files)  # on the other core, while the tensors stream
-        if not layers:
+        source = plain_tensors(ck, dtype)
+        if not source.layers:
             return FoldResult(ck.path, None, {}, len(ck), hashing.result(), None)
-        scales = read_scales(ck, layers)
-        bad = [p for p, v in scales.items() if not math.isfinite(v)]
-        if bad:
-            raise FoldError(f"{bad[0]}: cross_modal_scale is {scales[bad[0]]}; refusing to fold ({len(bad)} layer(s))")
-        dropped = {f"{p}.{s}" for p in layers for s in (AUX_SUFFIX, SCALE_SUFFIX)}
-        folded = {f"{p}.weight": p for p in layers}
-        out_dtype = None if dtype == "keep" else getattr(torch, dtype)
-
-        def spec(info: TensorInfo) -> TensorInfo:
-            cast = out_dtype is not None and info.dtype in FLOATING
-            return TensorInfo(info.name, dtype if cast else info.dtype, info.shape)
-
-        specs = [spec(i) for k, i in ck.infos.items() if k not in dropped]
         metadata = {k: v for k, v in ck.metadata.items() if k != FORMAT_KEY}
         metadata |= {
             FORMAT_KEY: FOLDED_FORMAT,
             VERSION_KEY: __version__,
             SOURCE_KEY: hashing.placeholder,
-            SCALES_KEY: json.dumps(scales, separators=(",", ":")),
+            SCALES_KEY: json.dumps(source.scales, separators=(",", ":")),
         }
         dest = Path(out) if out is not None else default_output(ck.path)
         with SafetensorsWriter(
-            dest, specs, metadata=metadata, shard_size=shard_size, force=force, inputs=ck.files
+            dest, source.specs, metadata=metadata, shard_size=shard_size, force=force, inputs=ck.files
         ) as w:
-            for s in specs:
-                t = ck.get(s.name)
-                if s.name in folded:
-                    p = folded[s.name]
-                    t = fold_weight(t, ck.get(f"{p}.{SCALE_SUFFIX}"), ck.get(f"{p}.{AUX_SUFFIX}"), name=p)
-                if out_dtype is not None and t.is_floating_point() and t.dtype != out_dtype:
-                    t = t.to(out_dtype)
-                    if not torch.isfinite(t).all():
-                        raise FoldError(f"{s.name}: does not fit in {dtype} (overflow); use --dtype keep or float32")
-                w.write(s.name, t)
+            for s in source.specs:
+                w.write(s.name, source.tensor(s.name))
             digest = hashing.result()
             written = w.commit(patch={hashing.placeholder: digest})
-        return FoldResult(ck.path, written.path, scales, len(specs), digest, written)
+        return FoldResult(ck.path, written.path, source.scales, len(source.specs), digest, written)

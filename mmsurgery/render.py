@@ -213,6 +213,7 @@ def print_error(console: Console, message: str) -> None:
 
 _VERIFY_STATUS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "skip": ("skip", "dim")}
 _VERIFY_NUMBERS = {
+    "weights": (("identical_tensors", "identical"), ("differing_tensors", "differ"), ("rule", "rule")),
     "keys": (("plain_keys", "keys"), ("leftover_pathway_count", "leftover pathway")),
     "fold": (("max_abs", "max abs"), ("max_rel", "max rel"), ("pathway_effect_max_abs", "pathway effect")),
     "onnx": (("max_abs", "max abs"), ("max_rel", "max rel"), ("export_seconds", "export s")),

@@ -26,7 +26,7 @@ from mmsurgery.verify.latency import latency_result, measure
 from mmsurgery.verify.onnx_stage import export
 
 CFG = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-STAGES = ["keys", "fold", "onnx", "cost", "latency"]
+STAGES = ["weights", "keys", "fold", "onnx", "cost", "latency"]
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -76,20 +76,13 @@ def _stages(path: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_correct_fold_passes_every_stage(ck, tmp_path, cli) -> None:
-    r = cli(
-        "verify",
-        ck.plain,
-        "--against",
-        ck.trained,
-        "--onnx",
-        "--json",
-        tmp_path / "r.json",
-        "--junit",
-        tmp_path / "j.xml",
-    )
-    assert r.code == 0, r.out + r.err
-    assert "PASSED" in r.out and "FAILED" not in r.out
+def test_correct_fold_passes_every_stage(ck, tmp_path) -> None:
+    """The installed console script in a subprocess, as a pipeline runs it."""
+    script = Path(sys.executable).with_name("mmsurgery")
+    cmd = [script, "verify", ck.plain, "--against", ck.trained, "--onnx", "--json", tmp_path / "r.json"]
+    r = subprocess.run([str(c) for c in [*cmd, "--junit", tmp_path / "j.xml"]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASSED" in r.stdout and "FAILED" not in r.stdout and r.stderr == ""
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["passed"] is True and data["failed"] == []
     stages = _stages(tmp_path / "r.json")
@@ -125,9 +118,10 @@ def test_perturbed_weight_fails_fold_and_onnx_with_numbers(ck, tmp_path, cli) ->
         tmp_path / "j.xml",
     )
     assert r.code == 1, r.out + r.err
-    assert "FAILED (fold, onnx)" in r.out
+    assert "FAILED (weights, fold, onnx)" in r.out
     stages = _stages(tmp_path / "r.json")
     assert {n: s["status"] for n, s in stages.items()} == {
+        "weights": "fail",
         "keys": "pass",
         "fold": "fail",
         "onnx": "fail",
@@ -145,7 +139,8 @@ def test_perturbed_weight_fails_fold_and_onnx_with_numbers(ck, tmp_path, cli) ->
     assert stages["onnx"]["numbers"]["vs_plain_pytorch_max_abs"] < 1e-5
     assert stages["onnx"]["numbers"]["source"] == "exported" and (tmp_path / "perturbed.onnx").is_file()
     failures = ET.parse(tmp_path / "j.xml").getroot().findall(".//failure")
-    assert len(failures) == 2 and "max abs" in failures[0].get("message", "")
+    assert len(failures) == 3 and "blocks.1.mlp.fc2.weight" in failures[0].get("message", "")
+    assert "max abs" in failures[1].get("message", "")
 
 
 def test_leftover_pathway_tensor_fails_keys(ck, cli, tmp_path) -> None:

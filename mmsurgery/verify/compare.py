@@ -1,7 +1,8 @@
 """Tensor comparison: one pure function, one result type that says how far apart, where, and what would pass.
 
 An element passes when `|actual - expected| <= atol + rtol * |expected|` (torch.allclose / numpy semantics;
-the relative part is taken against the expected side). NaN or inf on one side only is a mismatch. A failing
+the relative part is taken against the expected side); `rtol_admitted` counts the elements above atol that
+passed only through the relative part, so a message can say which part of the rule let a difference through. NaN or inf on one side only is a mismatch. A failing
 comparison reports the max abs and max rel error, the index of the worst element, and the tolerance that would
 have passed: the max abs error as atol with rtol 0, and the smallest rtol for the given atol.
 """
@@ -38,8 +39,8 @@ class Tolerance:
 
 # dtype of PLAIN -> stage -> tolerance (documented in docs/verify.md; change both together)
 DEFAULT_TOLERANCES: dict[str, dict[str, Tolerance]] = {
-    "float32": {"fold": Tolerance(1e-5, 1e-4), "onnx": Tolerance(1e-4, 1e-3)},
-    "float64": {"fold": Tolerance(1e-5, 1e-4), "onnx": Tolerance(1e-4, 1e-3)},
+    "float32": {"fold": Tolerance(1e-5, 0.0), "onnx": Tolerance(1e-4, 1e-3)},
+    "float64": {"fold": Tolerance(1e-5, 0.0), "onnx": Tolerance(1e-4, 1e-3)},
     "float16": {"fold": Tolerance(1e-2, 1e-2), "onnx": Tolerance(1e-2, 1e-2)},
     "bfloat16": {"fold": Tolerance(5e-2, 5e-2), "onnx": Tolerance(5e-2, 5e-2)},
 }
@@ -81,6 +82,7 @@ class Comparison:
     expected_at: float
     passing_atol: float  # with rtol 0
     passing_rtol: float | None  # with the given atol; None: no rtol passes (an error where expected is 0)
+    rtol_admitted: int = 0  # elements above atol that passed only through rtol·|expected|
 
     @classmethod
     def from_tensors(
@@ -131,6 +133,7 @@ class Comparison:
             float(e[flat]),
             max_abs,
             passing_rtol,
+            int((ok & (diff > atol)).sum()),
         )
 
     @classmethod
@@ -173,6 +176,7 @@ class Comparison:
             "expected_at": self.expected_at,
             "passing_atol": self.passing_atol,
             "passing_rtol": self.passing_rtol,
+            "rtol_admitted": self.rtol_admitted,
         }
 
 

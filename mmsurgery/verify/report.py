@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 SCHEMA = "mmsurgery.verify/1"
-STAGES = ("keys", "fold", "onnx", "cost", "latency")
+STAGES = ("weights", "keys", "fold", "onnx", "cost", "latency")
 Status = Literal["pass", "fail", "skip"]
 
 

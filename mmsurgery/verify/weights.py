@@ -1,0 +1,257 @@
+"""The weights stage: PLAIN is, tensor by tensor and bit for bit, what `mmsurgery fold` makes of PAIRED.
+
+PAIRED fully determines the correct plain checkpoint, so no output comparison is needed to prove a fold: stream
+PAIRED through the fold's own per-tensor computation (`fold.PlainTensors`, which calls `foldmath.fold_weight`
+for every pathway weight and passes every other tensor through), cast as `fold --dtype` would for PLAIN's
+dtype, and compare with PLAIN. Keys, shapes and dtypes must match exactly; values must be bit-identical, or
+within `max_ulps` units in the last place when a fold made by another tool is gated (`--weights-ulps`).
+
+Needs no model and no architecture: it works for any family. Memory stays near one tensor of each file (plus a
+bounded chunk of integer work on a tensor that differs).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
+from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
+from mmsurgery.fold import DTYPES, PlainTensors, plain_tensors
+from mmsurgery.verify.report import StageResult
+
+__all__ = ["TensorDiff", "check_weights", "compare_bits"]
+
+_LISTED = 20
+_CHUNK = 1 << 22  # elements per step of the integer work on a differing tensor (32 MB of int64 per temporary)
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DIGITS = {8: 17, 4: 9, 2: 5, 1: 4}  # significant digits that round-trip a float of that many bytes
+_FAR = torch.iinfo(torch.int64).max  # the distance of a NaN against a number, or of any integer difference
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """Where PLAIN's tensor `name` differs from the expected one: how many elements have other bits, how many
+    are further than the allowed ulps, and the worst element (flat and shaped index, both values, distance)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    total: int
+    differing: int  # elements whose bits differ
+    over: int  # elements further apart than the allowed ulps
+    worst_index: tuple[int, ...]
+    worst_flat: int
+    actual: float
+    expected: float
+    ulps: int | None  # at the worst element; None: not comparable in ulps (NaN vs a number, or an integer dtype)
+
+    def describe(self) -> str:
+        distance = "not comparable in ulps" if self.ulps is None else f"{self.ulps:,} ulp{'s' * (self.ulps != 1)}"
+        digits = _DIGITS.get(ITEMSIZE.get(self.dtype, 8), 17)  # enough to tell neighbouring values apart
+        return (
+            f"{self.name}: {self.over:,} of {self.total:,} element(s) differ; worst at {list(self.worst_index)}: "
+            f"{self.actual:.{digits}g} vs {self.expected:.{digits}g} expected ({distance})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "total": self.total,
+            "differing": self.differing,
+            "over": self.over,
+            "worst_index": list(self.worst_index),
+            "worst_flat": self.worst_flat,
+            "actual": self.actual,
+            "expected": self.expected,
+            "ulps": self.ulps,
+        }
+
+
+def _ordered(bits: Tensor) -> Tensor:
+    """IEEE bit patterns (as signed integers) mapped to int64 so that adjacent floats are adjacent integers:
+    non-negative floats keep their pattern, negative ones become -(magnitude). ±0 both map to 0."""
+    b = bits.to(torch.int64)
+    sign_bit = -(1 << (bits.element_size() * 8 - 1))
+    return torch.where(b < 0, sign_bit - b, b)
+
+
+def _distance(oa: Tensor, oe: Tensor) -> Tensor:
+    """|oa - oe| without int64 overflow: exact where both have one sign; across signs |oa| + |oe|, saturated."""
+    same = (oa >= 0) == (oe >= 0)
+    across = oa.abs().to(torch.float64) + oe.abs().to(torch.float64)
+    across = torch.clamp(across, max=2.0**62).to(torch.int64)  # saturated below _FAR, which means "no distance"
+    return torch.where(same, (oa - oe).abs(), across)
+
+
+def compare_bits(name: str, actual: Tensor, expected: Tensor, max_ulps: int = 0) -> TensorDiff | None:
+    """None when `actual` has exactly the bits of `expected`, or (floating dtypes, `max_ulps` > 0) every element
+    is within `max_ulps` units in the last place; else where and by how much they differ. Same shape and dtype
+    are the caller's to check. +0 and -0 count as one ulp apart; a NaN against anything but the same NaN bits,
+    and any difference in an integer or bool tensor, is never within tolerance."""
+    shape, total = tuple(expected.shape), expected.numel()
+    if total == 0:
+        return None
+    int_dtype = _INT_VIEW[expected.element_size()]
+    a_bits = actual.detach().contiguous().reshape(-1).view(int_dtype)
+    e_bits = expected.detach().contiguous().reshape(-1).view(int_dtype)
+    if torch.equal(a_bits, e_bits):
+        return None
+    floating = expected.is_floating_point()
+    differing = over = 0
+    worst_flat, worst = -1, -1
+    for start in range(0, total, _CHUNK):
+        ab, eb = a_bits[start : start + _CHUNK], e_bits[start : start + _CHUNK]
+        diff = ab != eb
+        n_diff = int(diff.sum())
+        if not n_diff:
+            continue
+        differing += n_diff
+        if floating:
+            dist = _distance(_ordered(ab), _ordered(eb))
+            a = actual.reshape(-1)[start : start + _CHUNK]
+            e = expected.reshape(-1)[start : start + _CHUNK]
+            dist = torch.where(diff & (a.isnan() | e.isnan()), _FAR, dist)
+            dist = torch.where(diff, dist.clamp(min=1), 0)  # other bits are at least one ulp apart (+0 vs -0)
+        else:
+            dist = torch.where(diff, _FAR, 0)
+        over += int((dist > max_ulps).sum())
+        i = int(torch.argmax(dist))
+        if int(dist[i]) > worst:
+            worst, worst_flat = int(dist[i]), start + i
+    if not over:
+        return None
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst_flat), shape)) if shape else ()
+    a_val, e_val = actual.reshape(-1)[worst_flat].item(), expected.reshape(-1)[worst_flat].item()
+    ulps = None if worst == _FAR else worst
+    dtype = str(expected.dtype).removeprefix("torch.")
+    return TensorDiff(name, shape, dtype, total, differing, over, index, worst_flat, a_val, e_val, ulps)
+
+
+def _fold_dtype(plain: Checkpoint, source: PlainTensors) -> str:
+    """The `fold --dtype` that explains most of PLAIN's floating dtypes: `keep`, or the one float dtype of PLAIN.
+    Tensors it does not explain are reported as dtype mismatches."""
+    keep = 0
+    seen: Counter[str] = Counter()
+    for spec in source.specs:
+        info = plain.infos.get(spec.name)
+        if info is None or spec.dtype not in FLOATING:
+            continue
+        keep += info.dtype == spec.dtype
+        seen[info.dtype] += 1
+    if not seen:
+        return "keep"
+    dtype, count = seen.most_common(1)[0]
+    return dtype if dtype in DTYPES and count > keep else "keep"
+
+
+def _prefetch(source: PlainTensors, plain: Checkpoint, names: list[str]) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """(name, actual, expected) in order, reading and folding one tensor ahead on a worker thread: file reads
+    and torch kernels release the GIL, so reading the next pair overlaps comparing this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(name: str) -> tuple[str, Tensor, Tensor]:
+        return name, plain.get(name), source.tensor(name)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsurgery-weights") as pool:
+        pending = pool.submit(load, names[0]) if names else None
+        for nxt in [*names[1:], None]:
+            assert pending is not None
+            item = pending.result()
+            pending = pool.submit(load, nxt) if nxt is not None else None
+            yield item
+
+
+def _clip(items: list[Any]) -> list[Any]:
+    return items[:_LISTED]
+
+
+def _names(items: list[str]) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
+    return ", ".join(items[:3]) + more
+
+
+def check_weights(plain: Checkpoint, paired: Checkpoint, max_ulps: int = 0) -> StageResult:
+    """Compare PLAIN with the fold of PAIRED, tensor by tensor (see the module docstring). Raises `FoldError`
+    (bad input) when PAIRED cannot be folded at all."""
+    source = plain_tensors(paired, "keep")
+    dtype = _fold_dtype(plain, source)
+    if dtype != "keep":
+        source = plain_tensors(paired, dtype)
+    expected: dict[str, TensorInfo] = {s.name: s for s in source.specs}
+    missing = [k for k in expected if k not in plain.infos]
+    unexpected = [k for k in plain.infos if k not in expected]
+    shapes = [
+        {"key": k, "shape": list(plain.infos[k].shape), "expected": list(e.shape)}
+        for k, e in expected.items()
+        if k in plain.infos and plain.infos[k].shape != e.shape
+    ]
+    dtypes = [
+        {"key": k, "dtype": plain.infos[k].dtype, "expected": e.dtype}
+        for k, e in expected.items()
+        if k in plain.infos and plain.infos[k].shape == e.shape and plain.infos[k].dtype != e.dtype
+    ]
+    bad = {d["key"] for d in shapes} | {d["key"] for d in dtypes}
+    names = [k for k in expected if k in plain.infos and k not in bad]
+    diffs: list[TensorDiff] = []
+    nbytes = 0
+    for name, actual, want in _prefetch(source, plain, names):
+        diff = compare_bits(name, actual, want, max_ulps)
+        if diff is None:
+            nbytes += want.numel() * ITEMSIZE.get(expected[name].dtype, want.element_size())
+        else:
+            diffs.append(diff)
+    rule = "bit-identical" if max_ulps == 0 else f"within {max_ulps} ulp{'s' * (max_ulps != 1)}"
+    numbers: dict[str, Any] = {
+        "rule": rule,
+        "max_ulps": max_ulps,
+        "fold_dtype": dtype,
+        "pathways": len(source.layers),
+        "expected_tensors": len(expected),
+        "compared_tensors": len(names),
+        "identical_tensors": len(names) - len(diffs),
+        "identical_bytes": nbytes,
+        "differing_tensors": len(diffs),
+        "differing": [d.to_json() for d in _clip(diffs)],
+        "missing": _clip(missing),
+        "unexpected": _clip(unexpected),
+        "shape_mismatch": _clip(shapes),
+        "dtype_mismatch": _clip(dtypes),
+        "compared": f"PLAIN vs `mmsurgery fold --dtype {dtype}` of PAIRED, tensor by tensor",
+    }
+    problems: list[str] = []
+    if diffs:
+        worst = max(diffs, key=lambda d: (d.ulps is None, d.ulps or 0))
+        more = f" ({len(diffs)} tensors differ, worst first)" if len(diffs) > 1 else ""
+        problems.append(f"not {rule}{more}: {worst.describe()}")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of the fold missing: {_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) the fold does not make: {_names(unexpected)}")
+    if shapes:
+        problems.append(
+            f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]['key']} {shapes[0]['shape']} vs "
+            f"{shapes[0]['expected']} expected"
+        )
+    if dtypes:
+        problems.append(
+            f"{len(dtypes)} dtype mismatch(es), e.g. {dtypes[0]['key']} {dtypes[0]['dtype']} vs "
+            f"{dtypes[0]['expected']} expected (fold --dtype {dtype})"
+        )
+    if problems:
+        return StageResult("weights", "fail", 0.0, "; ".join(problems), numbers)
+    folded = f"{len(source.layers)} folded pathway weights" if source.layers else "no pathways: PAIRED is plain"
+    return StageResult(
+        "weights",
+        "pass",
+        0.0,
+        f"{len(names)} tensors ({nbytes / 1e6:,.1f} MB) {rule} to the fold of PAIRED (--dtype {dtype}; {folded})",
+        numbers,
+    )
