@@ -94,7 +94,10 @@ def test_correct_fold_passes_every_stage(ck, tmp_path) -> None:
     cost = stages["cost"]["numbers"]
     assert cost["differences"] == [] and cost["node_count"] == cost["reference_node_count"] > 0
     assert cost["graph"]["gelu_approximate"] == {"none": 2}
-    assert stages["latency"]["numbers"]["ratio"] > 0
+    # verify exported PLAIN's graph itself, and the reference is the same class and config: one export, not two
+    assert "PLAIN's own export" in cost["reference"]
+    assert stages["latency"]["numbers"]["same_graph"] is True and stages["latency"]["numbers"]["ratio"] == 1.0
+    assert stages["latency"]["numbers"]["median_ms"] > 0
     suites = ET.parse(tmp_path / "j.xml").getroot().findall("testsuite")
     assert [s.get("name") for s in suites] == ["mmsurgery.verify"]
     cases = suites[0].findall("testcase")

@@ -47,6 +47,11 @@ class Arch:
         """The model's configuration, flat; the cost stage requires PLAIN's to equal the reference's."""
         return {}
 
+    def same_graph(self, plain: nn.Module, reference: nn.Module) -> bool:
+        """Whether exporting `reference` must give PLAIN's graph (same code, same configuration, same weights),
+        so verify exports once. False unless the architecture can prove it; a factory's code is the user's."""
+        return False
+
 
 class VitArch(Arch):
     """The built-in timm-named ViT (`mmsurgery.models.vit`): config from shapes, `--heads` and `mmsurgery.vit`."""
@@ -77,6 +82,15 @@ class VitArch(Arch):
     def describe(self, model: nn.Module) -> dict[str, Any]:
         cfg = getattr(model, "config", None)
         return cfg.to_dict() if isinstance(cfg, ViTConfig) else {}
+
+    def same_graph(self, plain: nn.Module, reference: nn.Module) -> bool:
+        """The built-in ViT's forward is a function of its `ViTConfig` alone: two exact `VisionTransformer`s with
+        equal configs (and, as verify loads them, the same weights) export to the same graph."""
+        return (
+            type(plain) is VisionTransformer
+            and type(reference) is VisionTransformer
+            and plain.config == reference.config
+        )
 
 
 class FactoryArch(Arch):

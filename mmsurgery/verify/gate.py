@@ -78,6 +78,7 @@ class _Run:
     plain_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
     unfolded_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
     graph: Path | None = None
+    graph_exported: bool = False  # PLAIN's graph was exported from `plain` in this run (not a given file)
     graph_skip: str = "no --onnx given"
     runner: onnx_stage.OrtRunner | None = None
     reference: nn.Module | None = None
@@ -187,6 +188,7 @@ def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bo
         run.graph_skip = "PLAIN's graph fails onnx.checker"
         return StageResult("onnx", "fail", 0.0, f"onnx.checker: {error_line(exc)}", numbers)
     run.graph = path
+    run.graph_exported = source != "given"
     try:
         run.runner = onnx_stage.OrtRunner(path)
         numbers["ort"] = run.runner.settings
@@ -224,17 +226,24 @@ def _stage_cost(
     flops = (cost.count_flops(run.plain, x1), cost.count_flops(run.reference, x1))
     graphs = None
     graph_skip = run.graph_skip if onnx_asked else "no --onnx given"
+    note = run.arch.reference_note
     if run.graph is not None:
-        run.reference_graph = onnx_stage.export(
-            run.reference, run.inputs[max(run.batch_sizes)], tmp / "reference.onnx", opset=opset
-        )
+        if run.graph_exported and run.arch.same_graph(run.plain, run.reference):
+            # Exporting the reference would trace the same code with the same config and weights again (~half
+            # of a ViT-S gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
+            run.reference_graph = run.graph
+            note += "; reference graph: PLAIN's own export (same model class and configuration)"
+        else:
+            run.reference_graph = onnx_stage.export(
+                run.reference, run.inputs[max(run.batch_sizes)], tmp / "reference.onnx", opset=opset
+            )
         graphs = (onnx_stage.summarize_graph(run.graph), onnx_stage.summarize_graph(run.reference_graph))
     return cost.cost_result(
         params=params,
         flops=flops,
         graphs=graphs,
         graph_skip=graph_skip,
-        reference_note=run.arch.reference_note,
+        reference_note=note,
         configs=(run.arch.describe(run.plain), run.arch.describe(run.reference)),
     )
 
@@ -242,10 +251,13 @@ def _stage_cost(
 def _stage_latency(run: _Run, warmup: int, runs: int, max_ratio: float | None) -> StageResult:
     plain, graph = run.runner, run.reference_graph
     assert plain is not None and graph is not None
-    reference = onnx_stage.OrtRunner(graph)
     b = run.batch_sizes[0]
     x = run.inputs[b]
-    numbers = latency.measure(lambda: plain(x), lambda: reference(x), warmup=warmup, runs=runs)
+    if graph == run.graph:
+        numbers = latency.measure_alone(lambda: plain(x), warmup=warmup, runs=runs)
+    else:
+        reference = onnx_stage.OrtRunner(graph)
+        numbers = latency.measure(lambda: plain(x), lambda: reference(x), warmup=warmup, runs=runs)
     numbers["batch_size"] = b
     return latency.latency_result(numbers, max_ratio)
 
