@@ -147,7 +147,7 @@ def test_inspect_safetensors_reads_header_only_without_torch(tmp_path) -> None:
 def test_console_script_inspect_never_imports_torch(tmp_path, as_json) -> None:
     """The installed `mmsurgery` console script, as a user runs it: `-X importtime` (PYTHONPROFILEIMPORTTIME)
     lists every module the process imported, and torch must not be one of them. The wall time is measured by
-    benchmarks/inspect.py, not asserted here."""
+    benchmarks/inspect_startup.py, not asserted here."""
     p = tmp_path / "big.safetensors"
     _sparse_vit(p)
     script = Path(sys.executable).with_name("mmsurgery")

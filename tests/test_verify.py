@@ -20,7 +20,7 @@ from mmsurgery.errors import BadInputError
 from mmsurgery.fold import fold_file
 from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, ViTConfig
 from mmsurgery.pairing import pair
-from mmsurgery.verify import Report, StageResult, verify
+from mmsurgery.verify import Report, StageResult, load_arch, verify
 from mmsurgery.verify.compare import Comparison
 from mmsurgery.verify.latency import latency_result, measure
 from mmsurgery.verify.onnx_stage import export
@@ -329,6 +329,15 @@ def test_latency_fails_only_above_the_given_ratio() -> None:
     assert latency_result(slow, 2.0).status == "pass"
     failed = latency_result(slow, 1.2)
     assert failed.status == "fail" and "1.5" in failed.message and "1.2" in failed.message
+
+
+def test_builtin_vit_has_no_buffers_so_verify_may_build_it_uninitialised() -> None:
+    """verify builds the built-in ViT on the meta device and loads every tensor strictly (arch._uninitialized):
+    sound only while the model has no state outside its state dict."""
+    assert list(VisionTransformer(CFG).buffers()) == []
+    model = load_arch("vit", 2).build(VisionTransformer(CFG).state_dict(), {})
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert set(model.state_dict()) == set(VisionTransformer(CFG).state_dict())
 
 
 def test_importing_verify_loads_neither_onnx_nor_onnxruntime() -> None:

@@ -4,7 +4,7 @@ Runs the installed console script in fresh processes, interleaved with two basel
 interpreter start-up and `python -c "import torch"` (what inspect cost when it imported torch). The file is a
 sparse ViT-L-shaped safetensors file: a real header over 2 GB of data that is never written or read.
 
-    .venv/bin/python benchmarks/inspect.py [--repeats 9]
+    .venv/bin/python benchmarks/inspect_startup.py [--repeats 9]
 """
 
 from __future__ import annotations
