@@ -20,7 +20,7 @@ from mmsurgery.errors import BadInputError
 from mmsurgery.fold import fold_file
 from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, ViTConfig
 from mmsurgery.pairing import pair
-from mmsurgery.verify import Report, StageResult, load_arch, verify
+from mmsurgery.verify import Arch, Report, StageResult, load_arch, verify
 from mmsurgery.verify.compare import Comparison
 from mmsurgery.verify.latency import latency_result, measure
 from mmsurgery.verify.onnx_stage import export
@@ -277,6 +277,58 @@ def test_custom_arch_factory_with_example_input_or_inputs_file(tmp_path) -> None
             inputs=tmp_path / "x.safetensors",
             batch_sizes="1,6",
         )
+
+
+class Unexportable(TinyMlp):
+    def forward(self, x: Tensor) -> Tensor:
+        if float(x.sum()) > 1e9:  # data-dependent Python control flow: torch.export cannot trace it
+            return x
+        return super().forward(x)
+
+
+def tiny_unexportable(state, metadata) -> nn.Module:
+    return Unexportable(state["fc1.weight"].shape[0], state["fc2.weight"].shape[0])
+
+
+class MlpArch(Arch):
+    """A custom Arch subclass given to the Python API: it has no spec string, so its export runs in process."""
+
+    name = "mlp-object"
+    reference_note = "the same MLP"
+
+    def build(self, state, metadata):
+        return tiny_mlp(state, metadata)
+
+    def reference(self, state, metadata):
+        return tiny_mlp(state, metadata)
+
+    def example_input(self, model, batch_size, generator):
+        return model.example_input(batch_size, generator)
+
+
+@pytest.mark.slow
+def test_factory_graphs_are_exported_in_a_child_process_both_of_them(tmp_path) -> None:
+    torch.manual_seed(0)
+    save_file(TinyMlp(16, 3).state_dict(), tmp_path / "mlp.safetensors")
+    report = verify(tmp_path / "mlp.safetensors", arch="test_verify:tiny_mlp", onnx=tmp_path / "mlp.onnx")
+    assert report.passed, [s.message for s in report.stages]
+    assert report.stage("onnx").numbers["source"] == "exported" and (tmp_path / "mlp.onnx").is_file()
+    cost = report.stage("cost")
+    assert "PLAIN's own export" not in cost.numbers["reference"]  # a factory's code is not ours: two exports
+    assert cost.numbers["node_count"] == cost.numbers["reference_node_count"] > 0
+    assert "same_graph" not in report.stage("latency").numbers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.safetensors"]  # no temp file left
+    obj = verify(tmp_path / "mlp.safetensors", arch=MlpArch(), onnx=True)
+    assert obj.passed and obj.stage("onnx").numbers["source"] == "exported (temporary)"
+
+
+@pytest.mark.slow
+def test_a_failed_export_is_a_failed_stage_not_a_crash(tmp_path, cli) -> None:
+    torch.manual_seed(0)
+    save_file(TinyMlp(16, 3).state_dict(), tmp_path / "mlp.safetensors")
+    r = cli("verify", tmp_path / "mlp.safetensors", "--arch", "test_verify:tiny_unexportable", "--onnx")
+    assert r.code == 1, r.out + r.err
+    assert "FAILED (onnx)" in r.out and "torch.onnx.export failed" in r.out and r.err == ""
 
 
 def test_comparison_reports_where_and_the_tolerance_that_would_pass() -> None:

@@ -28,8 +28,8 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import BadInputError, MMSurgeryError
 from mmsurgery.pathway import attach, scales, split_paired
-from mmsurgery.verify import cost, latency, onnx_stage
-from mmsurgery.verify.arch import Arch, load_arch
+from mmsurgery.verify import cost, export_job, latency, onnx_stage
+from mmsurgery.verify.arch import Arch, load_arch, load_model
 from mmsurgery.verify.compare import Comparison, Tolerance, compare_outputs, flatten_outputs, summarize, tolerances_for
 from mmsurgery.verify.inputs import check_onnx_option, make_inputs, parse_batch_sizes, read_inputs
 from mmsurgery.verify.keys import check_keys
@@ -78,8 +78,8 @@ class _Run:
     plain_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
     unfolded_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
     graph: Path | None = None
-    graph_exported: bool = False  # PLAIN's graph was exported from `plain` in this run (not a given file)
     graph_skip: str = "no --onnx given"
+    export: export_job.ExportJob | None = None
     runner: onnx_stage.OrtRunner | None = None
     reference: nn.Module | None = None
     reference_graph: Path | None = None
@@ -165,22 +165,20 @@ def _stage_fold(run: _Run, paired_ck: Checkpoint) -> StageResult:
     return StageResult("fold", status, 0.0, f"folded vs unfolded: {line}; {effect_line}", numbers)
 
 
-def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bool) -> StageResult:
+def _stage_onnx(run: _Run, onnx: Path | bool, against: bool, opset: int) -> StageResult:
     assert run.plain is not None
     numbers: dict[str, Any] = {"opset_requested": opset}
-    if isinstance(onnx, Path) and onnx.exists():
+    if isinstance(onnx, Path) and run.export is not None and run.export.given:
         path, source = onnx, "given"
     else:
-        path = onnx if isinstance(onnx, Path) else tmp / "plain.onnx"
-        source = "exported" if isinstance(onnx, Path) else "exported (temporary)"
-        start = time.perf_counter()
-        try:
-            onnx_stage.export(run.plain, run.inputs[max(run.batch_sizes)], path, opset=opset)
-        except Exception as exc:
-            log.debug("ONNX export failed", exc_info=True)
+        assert run.export is not None
+        result = run.export.result()
+        if result.plain is None:
             run.graph_skip = "the export of PLAIN failed"
-            return StageResult("onnx", "fail", 0.0, f"torch.onnx.export failed: {error_line(exc)}", numbers)
-        numbers["export_seconds"] = time.perf_counter() - start
+            return StageResult("onnx", "fail", 0.0, f"torch.onnx.export failed: {result.error}", numbers)
+        path = result.plain
+        source = "exported" if isinstance(onnx, Path) else "exported (temporary)"
+        numbers["export_seconds"] = result.plain_seconds
     numbers |= {"path": str(path), "source": source}
     try:
         onnx_stage.check_model(path)
@@ -188,7 +186,6 @@ def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bo
         run.graph_skip = "PLAIN's graph fails onnx.checker"
         return StageResult("onnx", "fail", 0.0, f"onnx.checker: {error_line(exc)}", numbers)
     run.graph = path
-    run.graph_exported = source != "given"
     try:
         run.runner = onnx_stage.OrtRunner(path)
         numbers["ort"] = run.runner.settings
@@ -210,34 +207,33 @@ def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bo
 
 
 def _stage_cost(
-    run: _Run, plain_part: Mapping[str, Tensor], metadata: Mapping[str, str], tmp: Path, opset: int, onnx_asked: bool
+    run: _Run, plain_part: Mapping[str, Tensor], metadata: Mapping[str, str], onnx_asked: bool
 ) -> StageResult:
     assert run.plain is not None
-    run.reference = run.arch.reference(plain_part, metadata).float().eval()
     # The same weights in the reference: exporters drop or fold constant initialisers (all-ones LayerNorm
     # weights, zero biases of a fresh model), so fresh weights would make two equal structures look different.
-    try:
-        run.reference.load_state_dict(plain_part, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        return StageResult("cost", "fail", 0.0, f"PLAIN's tensors do not fit the plain reference: {first}", {})
+    reference = load_model(run.arch, plain_part, metadata, reference=True)
+    if isinstance(reference, str):
+        return StageResult("cost", "fail", 0.0, f"PLAIN's tensors do not fit the plain reference: {reference}", {})
+    run.reference = reference
     x1 = run.inputs[1] if 1 in run.inputs else run.inputs[max(run.batch_sizes)][:1]
     params = (cost.count_params(run.plain), cost.count_params(run.reference))
     flops = (cost.count_flops(run.plain, x1), cost.count_flops(run.reference, x1))
     graphs = None
     graph_skip = run.graph_skip if onnx_asked else "no --onnx given"
     note = run.arch.reference_note
-    if run.graph is not None:
-        if run.graph_exported and run.arch.same_graph(run.plain, run.reference):
-            # Exporting the reference would trace the same code with the same config and weights again (~half
-            # of a ViT-S gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
-            run.reference_graph = run.graph
+    if run.graph is not None and run.export is not None:
+        exported = run.export.result()
+        if exported.reference is None:
+            return StageResult("cost", "fail", 0.0, f"the export of the reference failed: {exported.error}", {})
+        run.reference_graph = exported.reference
+        if exported.same_graph:
+            # Exporting the reference would trace the same code with the same config and weights again (about
+            # half a ViT-S gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
             note += "; reference graph: PLAIN's own export (same model class and configuration)"
-        else:
-            run.reference_graph = onnx_stage.export(
-                run.reference, run.inputs[max(run.batch_sizes)], tmp / "reference.onnx", opset=opset
-            )
-        graphs = (onnx_stage.summarize_graph(run.graph), onnx_stage.summarize_graph(run.reference_graph))
+        summary = onnx_stage.summarize_graph(run.graph)
+        same = run.reference_graph == run.graph
+        graphs = (summary, summary if same else onnx_stage.summarize_graph(run.reference_graph))
     return cost.cost_result(
         params=params,
         flops=flops,
@@ -248,13 +244,36 @@ def _stage_cost(
     )
 
 
+def _start_export(
+    run: _Run, plain: str | os.PathLike[str], onnx: Path | bool, tmp: Path, opset: int
+) -> export_job.ExportJob:
+    """Start the ONNX exports (PLAIN's graph unless one was given, and the reference's) in a child process, so
+    they run while the weights, keys and fold stages run here (see `verify.export_job`)."""
+    from safetensors.torch import save_file
+
+    given = isinstance(onnx, Path) and onnx.exists()
+    example = tmp / "example.safetensors"
+    save_file({"input": run.inputs[max(run.batch_sizes)].contiguous()}, example)
+    arch_spec = run.arch.spec()
+    spec = {
+        "plain": str(Path(plain).resolve()),
+        "arch": arch_spec[0] if arch_spec else None,
+        "heads": arch_spec[1] if arch_spec else None,
+        "example": str(example),
+        "opset": opset,
+        "plain_out": None if given else str(onnx if isinstance(onnx, Path) else tmp / "plain.onnx"),
+        "reference_out": str(tmp / "reference.onnx"),
+    }
+    return export_job.start(spec, tmp, run.arch if arch_spec is None else None)
+
+
 def _stage_latency(run: _Run, warmup: int, runs: int, max_ratio: float | None) -> StageResult:
     plain, graph = run.runner, run.reference_graph
     assert plain is not None and graph is not None
     b = run.batch_sizes[0]
     x = run.inputs[b]
-    if graph == run.graph:
-        numbers = latency.measure_alone(lambda: plain(x), warmup=warmup, runs=runs)
+    if graph == run.graph:  # the ratio is 1 by construction: a few rounds give the median for the record
+        numbers = latency.measure_alone(lambda: plain(x), warmup=min(warmup, 1), runs=min(runs, 5))
     else:
         reference = onnx_stage.OrtRunner(graph)
         numbers = latency.measure(lambda: plain(x), lambda: reference(x), warmup=warmup, runs=runs)
@@ -322,6 +341,7 @@ def verify(
     onnx_opt = check_onnx_option(onnx)
     given_inputs = read_inputs(inputs, sizes) if inputs is not None else None
 
+    preloading = onnx_stage.preload() if onnx_opt is not None else None
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmsurgery-verify-")))
         plain_ck = stack.enter_context(open_checkpoint(plain))
@@ -333,16 +353,21 @@ def verify(
         model = architecture.build(plain_part, plain_ck.metadata)
         paired_shapes = {k: i.shape for k, i in paired_ck.infos.items()} if paired_ck is not None else None
         plain_shapes = {k: i.shape for k, i in plain_ck.infos.items()}
-        stages = []
-        if paired_ck is not None:
-            stages.append(_timed("weights", lambda: check_weights(plain_ck, paired_ck, weights_ulps)))
-        stages.append(_timed("keys", lambda: check_keys(plain_shapes, _shapes(model.state_dict()), paired_shapes)))
+        model_shapes = _shapes(model.state_dict())
         problem = _load_strict(model, plain_part)
         if problem:
             run.plain_skip = f"PLAIN does not load into the architecture (see keys): {problem}"
         else:
             run.plain = model.float().eval()
         run.inputs = make_inputs(architecture, model, sizes, seed, given_inputs)
+        if onnx_opt is not None and run.plain is not None:
+            run.export = _start_export(run, plain, onnx_opt, tmp, opset)
+            stack.callback(run.export.cancel)
+
+        stages = []
+        if paired_ck is not None:
+            stages.append(_timed("weights", lambda: check_weights(plain_ck, paired_ck, weights_ulps)))
+        stages.append(_timed("keys", lambda: check_keys(plain_shapes, model_shapes, paired_shapes)))
 
         def gated(name: str, fn: Callable[[], StageResult]) -> StageResult:
             return _skip(name, run.plain_skip) if run.plain is None else _timed(name, fn)
@@ -351,13 +376,13 @@ def verify(
             stages.append(_skip("fold", "no --against PAIRED given"))
         else:
             stages.append(gated("fold", lambda: _stage_fold(run, paired_ck)))
+        if preloading is not None:
+            preloading.join()
         if onnx_opt is None:
             stages.append(_skip("onnx", "no --onnx given"))
         else:
-            stages.append(gated("onnx", lambda: _stage_onnx(run, onnx_opt, tmp, opset, paired_ck is not None)))
-        stages.append(
-            gated("cost", lambda: _stage_cost(run, plain_part, plain_ck.metadata, tmp, opset, onnx_opt is not None))
-        )
+            stages.append(gated("onnx", lambda: _stage_onnx(run, onnx_opt, paired_ck is not None, opset)))
+        stages.append(gated("cost", lambda: _stage_cost(run, plain_part, plain_ck.metadata, onnx_opt is not None)))
         if onnx_opt is None:
             stages.append(_skip("latency", "needs an ONNX graph (--onnx)"))
         elif run.runner is None or run.reference_graph is None:
