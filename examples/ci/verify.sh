@@ -4,7 +4,7 @@
 #   examples/ci/verify.sh PAIRED [OUT_DIR]
 #
 # Folds the trained paired checkpoint PAIRED into OUT_DIR/model.plain.safetensors, exports OUT_DIR/model.onnx and
-# verifies both (keys, fold, ONNX Runtime, cost, latency), writing OUT_DIR/verify.json and OUT_DIR/verify.xml.
+# verifies both (weights, keys, fold, ONNX Runtime, cost, latency), writing OUT_DIR/verify.json and OUT_DIR/verify.xml.
 # Exit code: 0 ship it; 1 a check failed; 2 bad input or usage; anything else an internal error.
 # Extra options for `verify` go in MMSURGERY_VERIFY_ARGS, e.g. MMSURGERY_VERIFY_ARGS="--max-latency-ratio 1.10".
 set -euo pipefail

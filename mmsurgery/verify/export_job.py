@@ -5,7 +5,8 @@ PLAIN's file and the architecture, so verify starts it first (`start`) and colle
 the graph (`ExportJob.result`). The child builds PLAIN's model and the cost reference exactly as the gate does
 (`arch.load_model`), exports PLAIN's graph (unless one was given) and the reference's (unless the architecture
 proves it is PLAIN's own graph, `Arch.same_graph`), and writes a small JSON result. A thread would not do: the
-tracer patches `torch.nn.Module` globally while it runs.
+tracer patches `torch.nn.Module` globally while it runs. `mmsurgery.verify.verify` starts the child before it
+imports torch itself, so the two processes' start-ups overlap too.
 
 An `Arch` object that cannot be named by a spec string (a custom subclass given to the Python API) is exported
 in this process instead, by the same function.
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ExportJob", "ExportResult", "export_graphs", "start"]
+__all__ = ["ExportJob", "ExportResult", "export_graphs", "export_spec", "start"]
 
 
 @dataclass(frozen=True)
@@ -74,18 +77,17 @@ def _atomic_export(model: Any, example: Any, dest: Path, opset: int) -> float:
 
 
 def export_graphs(spec: dict[str, Any], arch: Any = None) -> ExportResult:
-    """Build PLAIN's model and the reference from `spec["plain"]` as the gate does, and export what `spec` asks:
-    `plain_out` (None: a graph was given, export only the reference) and `reference_out`."""
-    from safetensors.torch import load_file
-
+    """Build PLAIN's model and the reference from `spec["plain"]` as the gate does, make the example batch as the
+    gate does (`inputs.make_inputs`: the largest batch size), and export what `spec` asks: `plain_out` (None: a
+    graph was given, export only the reference) and `reference_out`."""
     from mmsurgery.checkpoint.reader import open_checkpoint
     from mmsurgery.pathway import split_paired
     from mmsurgery.verify.arch import load_arch, load_model
+    from mmsurgery.verify.inputs import make_inputs, read_inputs
 
     if arch is None:
         arch = load_arch(spec["arch"], spec.get("heads"))
-    example = load_file(spec["example"])["input"]
-    with open_checkpoint(spec["plain"], key=spec.get("key")) as ck:
+    with open_checkpoint(spec["plain"]) as ck:
         state, metadata = ck.to_state_dict(), dict(ck.metadata)
     plain_part, _ = split_paired(state)
     opset = int(spec["opset"])
@@ -93,6 +95,9 @@ def export_graphs(spec: dict[str, Any], arch: Any = None) -> ExportResult:
     model = load_model(arch, plain_part, metadata)
     if isinstance(model, str):
         return ExportResult(None, None, False, 0.0, 0.0, error=model, failed="plain")
+    sizes = tuple(spec["batch_sizes"])
+    given = read_inputs(spec["inputs"], sizes) if spec.get("inputs") else None
+    example = make_inputs(arch, model, (max(sizes),), int(spec["seed"]), given)[max(sizes)]
     plain_seconds = 0.0
     if plain_out is not None:
         try:
@@ -117,17 +122,18 @@ def _line(exc: BaseException) -> str:
 
 
 class ExportJob:
-    """An `export_graphs` call running in a child process (or already done, for an in-process fallback)."""
+    """`export_graphs` running in a child process (or already done, for an in-process export), with the temp
+    folder that holds its spec, log, result and temporary graphs. `close()` stops it and removes the folder."""
 
-    def __init__(
-        self, process: subprocess.Popen[bytes] | None, result_path: Path, log: Path, done: ExportResult | None
-    ) -> None:
-        self._process = process
-        self._result_path = result_path
-        self._log = log
-        self._done = done
-        self.started = time.perf_counter()
-        self.given = False  # PLAIN's graph was given (--onnx FILE exists): only the reference is exported
+    def __init__(self, folder: Path, given: bool) -> None:
+        self.folder = folder
+        self.given = given  # PLAIN's graph was given (--onnx FILE exists): only the reference is exported
+        self._process: subprocess.Popen[bytes] | None = None
+        self._done: ExportResult | None = None
+
+    @property
+    def _result_path(self) -> Path:
+        return self.folder / "export-result.json"
 
     def result(self) -> ExportResult:
         """Wait for the child and return what it exported (or the error it hit)."""
@@ -138,41 +144,74 @@ class ExportJob:
         if self._result_path.is_file():
             self._done = ExportResult.from_json(json.loads(self._result_path.read_text()))
         else:
-            tail = [ln for ln in self._log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+            log = (self.folder / "export.log").read_text(errors="replace")
+            tail = [ln for ln in log.splitlines() if ln.strip()][-1:]
             why = tail[0] if tail else f"exit code {code}"
             self._done = ExportResult(None, None, False, 0.0, 0.0, error=f"export process failed: {why}")
         return self._done
 
-    def cancel(self) -> None:
+    def close(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start(spec: dict[str, Any], folder: Path, arch: Any = None) -> ExportJob:
-    """Start `export_graphs(spec)` in a child process (`arch`: an Arch object with no spec string is exported
-    here instead, synchronously). `folder` holds the spec, the result and the child's log."""
-    result_path = folder / "export-result.json"
-    log = folder / "export.log"
-    if arch is not None and arch.spec() is None:
-        job = ExportJob(None, result_path, log, export_graphs(spec, arch))
-        job.given = spec.get("plain_out") is None
+def export_spec(
+    *,
+    plain: str | os.PathLike[str],
+    arch: str | None,
+    heads: int | None,
+    onnx: Path | bool,
+    inputs: str | os.PathLike[str] | None,
+    batch_sizes: tuple[int, ...],
+    seed: int,
+    opset: int,
+    folder: Path,
+) -> dict[str, Any]:
+    """What `export_graphs` needs, as JSON: PLAIN's graph goes to `onnx` (a new path, kept) or into `folder`
+    (`onnx` True); an existing `onnx` file is given, so only the reference is exported."""
+    given = isinstance(onnx, Path) and onnx.exists()
+    return {
+        "plain": str(Path(plain).resolve()),
+        "arch": arch,
+        "heads": heads,
+        "inputs": str(Path(inputs).resolve()) if inputs is not None else None,
+        "batch_sizes": list(batch_sizes),
+        "seed": seed,
+        "opset": opset,
+        "plain_out": None if given else str(Path(onnx).resolve() if isinstance(onnx, Path) else folder / "plain.onnx"),
+        "reference_out": str(folder / "reference.onnx"),
+    }
+
+
+# `-c`, not `-m mmsurgery.verify.export_job`: the package imports this module, and runpy warns when it runs a
+# module that is already imported.
+_CHILD = "import sys; from mmsurgery.verify.export_job import _main; sys.exit(_main(sys.argv[1:]))"
+
+
+def start(spec_of: Any, arch: Any = None) -> ExportJob:
+    """Start `export_graphs` in a child process; `spec_of(folder)` makes the spec for the job's temp folder.
+    With `arch` (an Arch object that has no `--arch` string) the export runs here, synchronously."""
+    folder = Path(tempfile.mkdtemp(prefix="mmsurgery-export-"))
+    spec = spec_of(folder)
+    job = ExportJob(folder, given=spec.get("plain_out") is None)
+    if arch is not None:
+        job._done = export_graphs(spec, arch)
         return job
     spec_path = folder / "export-spec.json"
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
+    spec_path.write_text(json.dumps({**spec, "result": str(job._result_path)}))
     # The child sees this process's sys.path (as multiprocessing's spawn arranges), so an `--arch` module found
     # here (on PYTHONPATH, beside a script, added by a test runner) is found there too.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mmsurgery.verify.export_job", str(spec_path)],
+    with (folder / "export.log").open("wb") as out:
+        job._process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(spec_path)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
         )
-    job = ExportJob(process, result_path, log, None)
-    job.given = spec.get("plain_out") is None
     return job
 
 
@@ -181,7 +220,3 @@ def _main(argv: list[str]) -> int:
     result = export_graphs(spec)
     Path(spec["result"]).write_text(json.dumps(result.to_json()))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""`verify`: the deployment gate over a plain (folded) checkpoint. Stages run in order; each returns a result.
+"""The gate's stages over a plain (folded) checkpoint, run by `verify.api.verify`. Each stage returns a result.
 
 weights (with `against`) → keys → fold (with `against`) → onnx (with `onnx`) → cost → latency (needs a graph). Bad input or usage raises
 `BadInputError` before any expensive work; a stage that runs and finds a problem (including an exporter or ONNX
@@ -13,9 +13,8 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,14 @@ from mmsurgery.pathway import attach, scales, split_paired
 from mmsurgery.verify import cost, export_job, latency, onnx_stage
 from mmsurgery.verify.arch import Arch, load_arch, load_model
 from mmsurgery.verify.compare import Comparison, Tolerance, compare_outputs, flatten_outputs, summarize, tolerances_for
-from mmsurgery.verify.inputs import check_onnx_option, make_inputs, parse_batch_sizes, read_inputs
+from mmsurgery.verify.inputs import check_onnx_option, make_inputs, read_inputs
 from mmsurgery.verify.keys import check_keys
 from mmsurgery.verify.report import Report, StageResult, error_line
 from mmsurgery.verify.weights import check_weights
 
-__all__ = ["verify"]
+__all__ = ["run_gate"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BATCH_SIZES = (1, 4)
-DEFAULT_OPSET = 20
 
 
 def _dominant_dtype(ck: Checkpoint) -> str:
@@ -244,29 +240,6 @@ def _stage_cost(
     )
 
 
-def _start_export(
-    run: _Run, plain: str | os.PathLike[str], onnx: Path | bool, tmp: Path, opset: int
-) -> export_job.ExportJob:
-    """Start the ONNX exports (PLAIN's graph unless one was given, and the reference's) in a child process, so
-    they run while the weights, keys and fold stages run here (see `verify.export_job`)."""
-    from safetensors.torch import save_file
-
-    given = isinstance(onnx, Path) and onnx.exists()
-    example = tmp / "example.safetensors"
-    save_file({"input": run.inputs[max(run.batch_sizes)].contiguous()}, example)
-    arch_spec = run.arch.spec()
-    spec = {
-        "plain": str(Path(plain).resolve()),
-        "arch": arch_spec[0] if arch_spec else None,
-        "heads": arch_spec[1] if arch_spec else None,
-        "example": str(example),
-        "opset": opset,
-        "plain_out": None if given else str(onnx if isinstance(onnx, Path) else tmp / "plain.onnx"),
-        "reference_out": str(tmp / "reference.onnx"),
-    }
-    return export_job.start(spec, tmp, run.arch if arch_spec is None else None)
-
-
 def _stage_latency(run: _Run, warmup: int, runs: int, max_ratio: float | None) -> StageResult:
     plain, graph = run.runner, run.reference_graph
     assert plain is not None and graph is not None
@@ -298,52 +271,34 @@ def _skip(name: str, why: str) -> StageResult:
     return StageResult(name, "skip", 0.0, why)
 
 
-def verify(
+def run_gate(
     plain: str | os.PathLike[str],
     *,
-    against: str | os.PathLike[str] | None = None,
-    onnx: str | os.PathLike[str] | bool | None = None,
-    arch: str | Arch = "vit",
-    inputs: str | os.PathLike[str] | None = None,
-    batch_sizes: Sequence[int] | str = DEFAULT_BATCH_SIZES,
-    atol: float | None = None,
-    rtol: float | None = None,
-    max_latency_ratio: float | None = None,
-    heads: int | None = None,
-    opset: int = DEFAULT_OPSET,
-    seed: int = 0,
-    latency_warmup: int = 3,
-    latency_runs: int = 15,
-    weights_ulps: int = 0,
+    against: str | os.PathLike[str] | None,
+    onnx: Path | bool | None,
+    arch: str | Arch,
+    inputs: str | os.PathLike[str] | None,
+    sizes: tuple[int, ...],
+    atol: float | None,
+    rtol: float | None,
+    max_latency_ratio: float | None,
+    heads: int | None,
+    opset: int,
+    seed: int,
+    latency_warmup: int,
+    latency_runs: int,
+    weights_ulps: int,
+    export: export_job.ExportJob | None,
+    started: float,
 ) -> Report:
-    """Verify the plain checkpoint `plain` (see docs/verify.md) and return the `Report`; never prints.
-
-    `against`: the trained paired checkpoint it was folded from (enables the weights stage, which proves PLAIN
-    bit-identical to its fold, or within `weights_ulps` units in the last place, and the fold stage; the onnx
-    stage then compares ONNX Runtime with this unfolded model, the source of truth). `onnx`: True exports PLAIN to a temp
-    dir; a path to an existing `.onnx` is taken as is, a new path is exported there and kept. `arch`: "vit" or
-    "package.module:factory". Raises `BadInputError` on bad input or options, before any expensive work.
-    """
-    started = time.perf_counter()
-    sizes = parse_batch_sizes(batch_sizes)
-    for name, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise BadInputError(f"{name} {value}: must be a finite number >= 0")
-    if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
-        raise BadInputError(f"--max-latency-ratio {max_latency_ratio}: must be a finite number > 0")
-    if not 7 <= opset <= 30:
-        raise BadInputError(f"--opset {opset}: choose an ONNX opset between 7 and 30 (default 20)")
-    if isinstance(weights_ulps, bool) or not isinstance(weights_ulps, int) or weights_ulps < 0:
-        raise BadInputError(f"--weights-ulps {weights_ulps}: must be a whole number >= 0 (0: bit-identical)")
-    if latency_runs < 1 or latency_warmup < 0:
-        raise BadInputError("latency_runs must be >= 1 and latency_warmup >= 0")
+    """The stages of `mmsurgery.verify.verify`, which checked the options and may have started `export` already
+    (an `ExportJob` for these options). Raises `BadInputError` on bad input before any expensive work."""
     architecture = arch if isinstance(arch, Arch) else load_arch(arch, heads)
     onnx_opt = check_onnx_option(onnx)
     given_inputs = read_inputs(inputs, sizes) if inputs is not None else None
 
     preloading = onnx_stage.preload() if onnx_opt is not None else None
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmsurgery-verify-")))
         plain_ck = stack.enter_context(open_checkpoint(plain))
         paired_ck = stack.enter_context(open_checkpoint(against)) if against is not None else None
         dtype = _dominant_dtype(plain_ck)
@@ -361,8 +316,12 @@ def verify(
             run.plain = model.float().eval()
         run.inputs = make_inputs(architecture, model, sizes, seed, given_inputs)
         if onnx_opt is not None and run.plain is not None:
-            run.export = _start_export(run, plain, onnx_opt, tmp, opset)
-            stack.callback(run.export.cancel)
+            if export is None:  # an Arch object: no `--arch` string to rebuild it in a child process
+                spec = {"plain": plain, "arch": None, "heads": None, "onnx": onnx_opt, "inputs": inputs}
+                spec |= {"batch_sizes": sizes, "seed": seed, "opset": opset}
+                export = export_job.start(lambda folder: export_job.export_spec(**spec, folder=folder), architecture)
+                stack.callback(export.close)
+            run.export = export
 
         stages = []
         if paired_ck is not None:

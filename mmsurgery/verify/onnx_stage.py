@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
+from mmsurgery.verify.options import MAX_BATCH
 
 __all__ = [
     "GraphSummary",
@@ -37,8 +38,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH = 1024
 
 
 def versions() -> dict[str, str]:
