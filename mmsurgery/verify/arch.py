@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from mmsurgery.errors import BadInputError
 from mmsurgery.models.vit import VisionTransformer, ViTConfig, config_from_state_dict
 
-__all__ = ["Arch", "FactoryArch", "VitArch", "load_arch", "load_model"]
+__all__ = ["Arch", "FactoryArch", "VitArch", "load_arch"]
 
 ExampleInput = Callable[[int, torch.Generator], Tensor]
 
@@ -30,11 +30,6 @@ class Arch:
 
     name: str
     reference_note: str
-
-    def spec(self) -> tuple[str, int | None] | None:
-        """(`--arch` string, `--heads`) that rebuild this architecture in another process, or None (a custom
-        subclass: verify then exports in its own process)."""
-        return None
 
     def build(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
         """The architecture of `state` (weights not loaded; the caller loads them strictly)."""
@@ -66,9 +61,6 @@ class VitArch(Arch):
 
     def __init__(self, num_heads: int | None = None) -> None:
         self.num_heads = num_heads
-
-    def spec(self) -> tuple[str, int | None] | None:
-        return ("vit", self.num_heads)
 
     def config(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> ViTConfig:
         return config_from_state_dict(state, num_heads=self.num_heads, metadata=metadata)
@@ -116,9 +108,6 @@ class FactoryArch(Arch):
         self.module = module
         self.factory = factory
 
-    def spec(self) -> tuple[str, int | None] | None:
-        return (self.name, None)
-
     def _call(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
         try:
             with torch.random.fork_rng(devices=[]):
@@ -143,20 +132,6 @@ class FactoryArch(Arch):
         if not isinstance(x, Tensor):
             raise BadInputError(f"--arch {self.name}: example_input returned {type(x).__name__}, not a Tensor")
         return x
-
-
-def load_model(
-    arch: Arch, state: Mapping[str, Tensor], metadata: Mapping[str, str], *, reference: bool = False
-) -> nn.Module | str:
-    """`arch.build` (or `arch.reference`) with `state` loaded strictly, float32, eval mode: how verify makes
-    PLAIN's model and the cost reference, in its own process and in the export process alike. Returns the first
-    line of the load error instead when `state` does not fit."""
-    model = arch.reference(state, metadata) if reference else arch.build(state, metadata)
-    try:
-        model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
-        return str(exc).strip().splitlines()[0]
-    return model.float().eval()
 
 
 def load_arch(spec: str, num_heads: int | None = None) -> Arch:

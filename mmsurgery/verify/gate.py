@@ -1,4 +1,4 @@
-"""The gate's stages over a plain (folded) checkpoint, run by `verify.api.verify`. Each stage returns a result.
+"""`verify`: the deployment gate over a plain (folded) checkpoint. Stages run in order; each returns a result.
 
 weights (with `against`) → keys → fold (with `against`) → onnx (with `onnx`) → cost → latency (needs a graph). Bad input or usage raises
 `BadInputError` before any expensive work; a stage that runs and finds a problem (including an exporter or ONNX
@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import platform
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,20 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import BadInputError, MMSurgeryError
 from mmsurgery.pathway import attach, scales, split_paired
-from mmsurgery.verify import cost, export_job, latency, onnx_stage
-from mmsurgery.verify.arch import Arch, load_arch, load_model
+from mmsurgery.verify import cost, latency, onnx_stage
+from mmsurgery.verify.arch import Arch, load_arch
 from mmsurgery.verify.compare import Comparison, Tolerance, compare_outputs, flatten_outputs, summarize, tolerances_for
-from mmsurgery.verify.inputs import check_onnx_option, make_inputs, read_inputs
+from mmsurgery.verify.inputs import check_onnx_option, make_inputs, parse_batch_sizes, read_inputs
 from mmsurgery.verify.keys import check_keys
 from mmsurgery.verify.report import Report, StageResult, error_line
 from mmsurgery.verify.weights import check_weights
 
-__all__ = ["run_gate"]
+__all__ = ["verify"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZES = (1, 4)
+DEFAULT_OPSET = 20
 
 
 def _dominant_dtype(ck: Checkpoint) -> str:
@@ -74,8 +78,8 @@ class _Run:
     plain_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
     unfolded_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
     graph: Path | None = None
+    graph_exported: bool = False  # PLAIN's graph was exported from `plain` in this run (not a given file)
     graph_skip: str = "no --onnx given"
-    export: export_job.ExportJob | None = None
     runner: onnx_stage.OrtRunner | None = None
     reference: nn.Module | None = None
     reference_graph: Path | None = None
@@ -161,20 +165,22 @@ def _stage_fold(run: _Run, paired_ck: Checkpoint) -> StageResult:
     return StageResult("fold", status, 0.0, f"folded vs unfolded: {line}; {effect_line}", numbers)
 
 
-def _stage_onnx(run: _Run, onnx: Path | bool, against: bool, opset: int) -> StageResult:
+def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bool) -> StageResult:
     assert run.plain is not None
     numbers: dict[str, Any] = {"opset_requested": opset}
-    if isinstance(onnx, Path) and run.export is not None and run.export.given:
+    if isinstance(onnx, Path) and onnx.exists():
         path, source = onnx, "given"
     else:
-        assert run.export is not None
-        result = run.export.result()
-        if result.plain is None:
-            run.graph_skip = "the export of PLAIN failed"
-            return StageResult("onnx", "fail", 0.0, f"torch.onnx.export failed: {result.error}", numbers)
-        path = result.plain
+        path = onnx if isinstance(onnx, Path) else tmp / "plain.onnx"
         source = "exported" if isinstance(onnx, Path) else "exported (temporary)"
-        numbers["export_seconds"] = result.plain_seconds
+        start = time.perf_counter()
+        try:
+            onnx_stage.export(run.plain, run.inputs[max(run.batch_sizes)], path, opset=opset)
+        except Exception as exc:
+            log.debug("ONNX export failed", exc_info=True)
+            run.graph_skip = "the export of PLAIN failed"
+            return StageResult("onnx", "fail", 0.0, f"torch.onnx.export failed: {error_line(exc)}", numbers)
+        numbers["export_seconds"] = time.perf_counter() - start
     numbers |= {"path": str(path), "source": source}
     try:
         onnx_stage.check_model(path)
@@ -182,6 +188,7 @@ def _stage_onnx(run: _Run, onnx: Path | bool, against: bool, opset: int) -> Stag
         run.graph_skip = "PLAIN's graph fails onnx.checker"
         return StageResult("onnx", "fail", 0.0, f"onnx.checker: {error_line(exc)}", numbers)
     run.graph = path
+    run.graph_exported = source != "given"
     try:
         run.runner = onnx_stage.OrtRunner(path)
         numbers["ort"] = run.runner.settings
@@ -203,30 +210,33 @@ def _stage_onnx(run: _Run, onnx: Path | bool, against: bool, opset: int) -> Stag
 
 
 def _stage_cost(
-    run: _Run, plain_part: Mapping[str, Tensor], metadata: Mapping[str, str], onnx_asked: bool
+    run: _Run, plain_part: Mapping[str, Tensor], metadata: Mapping[str, str], tmp: Path, opset: int, onnx_asked: bool
 ) -> StageResult:
     assert run.plain is not None
+    run.reference = run.arch.reference(plain_part, metadata).float().eval()
     # The same weights in the reference: exporters drop or fold constant initialisers (all-ones LayerNorm
     # weights, zero biases of a fresh model), so fresh weights would make two equal structures look different.
-    reference = load_model(run.arch, plain_part, metadata, reference=True)
-    if isinstance(reference, str):
-        return StageResult("cost", "fail", 0.0, f"PLAIN's tensors do not fit the plain reference: {reference}", {})
-    run.reference = reference
+    try:
+        run.reference.load_state_dict(plain_part, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        return StageResult("cost", "fail", 0.0, f"PLAIN's tensors do not fit the plain reference: {first}", {})
     x1 = run.inputs[1] if 1 in run.inputs else run.inputs[max(run.batch_sizes)][:1]
     params = (cost.count_params(run.plain), cost.count_params(run.reference))
     flops = (cost.count_flops(run.plain, x1), cost.count_flops(run.reference, x1))
     graphs = None
     graph_skip = run.graph_skip if onnx_asked else "no --onnx given"
     note = run.arch.reference_note
-    if run.graph is not None and run.export is not None:
-        exported = run.export.result()
-        if exported.reference is None:
-            return StageResult("cost", "fail", 0.0, f"the export of the reference failed: {exported.error}", {})
-        run.reference_graph = exported.reference
-        if exported.same_graph:
-            # Exporting the reference would trace the same code with the same config and weights again (about
-            # half a ViT-S gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
+    if run.graph is not None:
+        if run.graph_exported and run.arch.same_graph(run.plain, run.reference):
+            # Exporting the reference would trace the same code with the same config and weights again (~half
+            # of a ViT-S gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
+            run.reference_graph = run.graph
             note += "; reference graph: PLAIN's own export (same model class and configuration)"
+        else:
+            run.reference_graph = onnx_stage.export(
+                run.reference, run.inputs[max(run.batch_sizes)], tmp / "reference.onnx", opset=opset
+            )
         summary = onnx_stage.summarize_graph(run.graph)
         same = run.reference_graph == run.graph
         graphs = (summary, summary if same else onnx_stage.summarize_graph(run.reference_graph))
@@ -271,34 +281,52 @@ def _skip(name: str, why: str) -> StageResult:
     return StageResult(name, "skip", 0.0, why)
 
 
-def run_gate(
+def verify(
     plain: str | os.PathLike[str],
     *,
-    against: str | os.PathLike[str] | None,
-    onnx: Path | bool | None,
-    arch: str | Arch,
-    inputs: str | os.PathLike[str] | None,
-    sizes: tuple[int, ...],
-    atol: float | None,
-    rtol: float | None,
-    max_latency_ratio: float | None,
-    heads: int | None,
-    opset: int,
-    seed: int,
-    latency_warmup: int,
-    latency_runs: int,
-    weights_ulps: int,
-    export: export_job.ExportJob | None,
-    started: float,
+    against: str | os.PathLike[str] | None = None,
+    onnx: str | os.PathLike[str] | bool | None = None,
+    arch: str | Arch = "vit",
+    inputs: str | os.PathLike[str] | None = None,
+    batch_sizes: Sequence[int] | str = DEFAULT_BATCH_SIZES,
+    atol: float | None = None,
+    rtol: float | None = None,
+    max_latency_ratio: float | None = None,
+    heads: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+    latency_warmup: int = 3,
+    latency_runs: int = 15,
+    weights_ulps: int = 0,
 ) -> Report:
-    """The stages of `mmsurgery.verify.verify`, which checked the options and may have started `export` already
-    (an `ExportJob` for these options). Raises `BadInputError` on bad input before any expensive work."""
+    """Verify the plain checkpoint `plain` (see docs/verify.md) and return the `Report`; never prints.
+
+    `against`: the trained paired checkpoint it was folded from (enables the weights stage, which proves PLAIN
+    bit-identical to its fold, or within `weights_ulps` units in the last place, and the fold stage; the onnx
+    stage then compares ONNX Runtime with this unfolded model, the source of truth). `onnx`: True exports PLAIN to a temp
+    dir; a path to an existing `.onnx` is taken as is, a new path is exported there and kept. `arch`: "vit" or
+    "package.module:factory". Raises `BadInputError` on bad input or options, before any expensive work.
+    """
+    started = time.perf_counter()
+    sizes = parse_batch_sizes(batch_sizes)
+    for name, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise BadInputError(f"{name} {value}: must be a finite number >= 0")
+    if max_latency_ratio is not None and not (math.isfinite(max_latency_ratio) and max_latency_ratio > 0):
+        raise BadInputError(f"--max-latency-ratio {max_latency_ratio}: must be a finite number > 0")
+    if not 7 <= opset <= 30:
+        raise BadInputError(f"--opset {opset}: choose an ONNX opset between 7 and 30 (default 20)")
+    if isinstance(weights_ulps, bool) or not isinstance(weights_ulps, int) or weights_ulps < 0:
+        raise BadInputError(f"--weights-ulps {weights_ulps}: must be a whole number >= 0 (0: bit-identical)")
+    if latency_runs < 1 or latency_warmup < 0:
+        raise BadInputError("latency_runs must be >= 1 and latency_warmup >= 0")
     architecture = arch if isinstance(arch, Arch) else load_arch(arch, heads)
     onnx_opt = check_onnx_option(onnx)
     given_inputs = read_inputs(inputs, sizes) if inputs is not None else None
 
     preloading = onnx_stage.preload() if onnx_opt is not None else None
     with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmsurgery-verify-")))
         plain_ck = stack.enter_context(open_checkpoint(plain))
         paired_ck = stack.enter_context(open_checkpoint(against)) if against is not None else None
         dtype = _dominant_dtype(plain_ck)
@@ -308,25 +336,16 @@ def run_gate(
         model = architecture.build(plain_part, plain_ck.metadata)
         paired_shapes = {k: i.shape for k, i in paired_ck.infos.items()} if paired_ck is not None else None
         plain_shapes = {k: i.shape for k, i in plain_ck.infos.items()}
-        model_shapes = _shapes(model.state_dict())
+        stages = []
+        if paired_ck is not None:
+            stages.append(_timed("weights", lambda: check_weights(plain_ck, paired_ck, weights_ulps)))
+        stages.append(_timed("keys", lambda: check_keys(plain_shapes, _shapes(model.state_dict()), paired_shapes)))
         problem = _load_strict(model, plain_part)
         if problem:
             run.plain_skip = f"PLAIN does not load into the architecture (see keys): {problem}"
         else:
             run.plain = model.float().eval()
         run.inputs = make_inputs(architecture, model, sizes, seed, given_inputs)
-        if onnx_opt is not None and run.plain is not None:
-            if export is None:  # an Arch object: no `--arch` string to rebuild it in a child process
-                spec = {"plain": plain, "arch": None, "heads": None, "onnx": onnx_opt, "inputs": inputs}
-                spec |= {"batch_sizes": sizes, "seed": seed, "opset": opset}
-                export = export_job.start(lambda folder: export_job.export_spec(**spec, folder=folder), architecture)
-                stack.callback(export.close)
-            run.export = export
-
-        stages = []
-        if paired_ck is not None:
-            stages.append(_timed("weights", lambda: check_weights(plain_ck, paired_ck, weights_ulps)))
-        stages.append(_timed("keys", lambda: check_keys(plain_shapes, model_shapes, paired_shapes)))
 
         def gated(name: str, fn: Callable[[], StageResult]) -> StageResult:
             return _skip(name, run.plain_skip) if run.plain is None else _timed(name, fn)
@@ -340,8 +359,10 @@ def run_gate(
         if onnx_opt is None:
             stages.append(_skip("onnx", "no --onnx given"))
         else:
-            stages.append(gated("onnx", lambda: _stage_onnx(run, onnx_opt, paired_ck is not None, opset)))
-        stages.append(gated("cost", lambda: _stage_cost(run, plain_part, plain_ck.metadata, onnx_opt is not None)))
+            stages.append(gated("onnx", lambda: _stage_onnx(run, onnx_opt, tmp, opset, paired_ck is not None)))
+        stages.append(
+            gated("cost", lambda: _stage_cost(run, plain_part, plain_ck.metadata, tmp, opset, onnx_opt is not None))
+        )
         if onnx_opt is None:
             stages.append(_skip("latency", "needs an ONNX graph (--onnx)"))
         elif run.runner is None or run.reference_graph is None:

@@ -15,17 +15,44 @@ from mmsurgery.checkpoint import open_checkpoint
 from mmsurgery.errors import BadInputError
 from mmsurgery.verify import onnx_stage
 from mmsurgery.verify.arch import Arch
-from mmsurgery.verify.options import onnx_target, parse_batch_sizes
 
 __all__ = ["check_onnx_option", "make_inputs", "parse_batch_sizes", "read_inputs"]
 
 
+def parse_batch_sizes(value: Sequence[int] | str) -> tuple[int, ...]:
+    """`"1,4"` or `[1, 4]` → (1, 4): at least two distinct sizes in 1..1024 (dynamic batch is checked at each)."""
+    if isinstance(value, str):
+        try:
+            sizes = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise BadInputError(f"--batch-sizes {value!r}: use comma-separated integers, e.g. 1,4") from None
+    else:
+        sizes = [int(v) for v in value]
+    sizes = list(dict.fromkeys(sizes))
+    if len(sizes) < 2 or any(not 1 <= b <= onnx_stage.MAX_BATCH for b in sizes):
+        raise BadInputError(
+            f"--batch-sizes {value!r}: give at least two distinct batch sizes between 1 and {onnx_stage.MAX_BATCH}"
+        )
+    return tuple(sizes)
+
+
 def check_onnx_option(onnx: str | os.PathLike[str] | bool | None) -> Path | bool | None:
-    """`options.onnx_target`, and an existing file must parse as an ONNX model."""
-    target = onnx_target(onnx)
-    if isinstance(target, Path) and target.exists():
-        onnx_stage.probe_onnx_file(target)
-    return target
+    if onnx is None or onnx is False:
+        return None
+    if onnx is True:
+        return True
+    path = Path(onnx)
+    if path.suffix != ".onnx":
+        raise BadInputError(
+            f"--onnx {path}: an ONNX file must end in .onnx (give --onnx alone to export to a temp dir)"
+        )
+    if path.exists():
+        if not path.is_file():
+            raise BadInputError(f"--onnx {path}: not a file")
+        onnx_stage.probe_onnx_file(path)
+    elif not path.parent.is_dir():
+        raise BadInputError(f"--onnx {path}: folder {path.parent} does not exist")
+    return path
 
 
 def read_inputs(path: str | os.PathLike[str], batch_sizes: Sequence[int]) -> Tensor:

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
-from mmsurgery.verify.options import MAX_BATCH
 
 __all__ = [
     "GraphSummary",
@@ -39,6 +38,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH = 1024
+
 
 def versions() -> dict[str, str]:
     import onnx
@@ -47,16 +48,13 @@ def versions() -> dict[str, str]:
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-_PRELOAD = ("onnx", "onnxruntime")
-
-
 def preload() -> threading.Thread:
-    """Import onnx and onnxruntime on a background thread (~1.3 s on 2 cores) while verify's first stages read
-    files and run PyTorch, whose kernels release the GIL. Only imports: the import lock makes that safe. Join the
-    returned thread before using them."""
+    """Import onnx, onnxruntime and the exporter on a background thread (~3 s on 2 cores) while verify's first
+    stages read files and run PyTorch, whose kernels release the GIL. Only imports, which the import lock makes
+    safe; join the returned thread before exporting."""
 
     def run() -> None:
-        for name in _PRELOAD:
+        for name in ("onnx", "onnxruntime", "onnxscript", "torch.onnx._internal.exporter._core"):
             try:
                 importlib.import_module(name)
             except Exception:  # the stage that needs it reports the real error
@@ -69,16 +67,21 @@ def preload() -> threading.Thread:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The dynamo exporter prints progress to stdout, logs torchvision notices and warns about deprecations."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The dynamo exporter prints progress to stdout, logs torchvision notices, warns about deprecations, and on a
+    failed trace logs warnings and graph dumps through torch's own handlers (which write to the stderr they were
+    created with). All of that is silenced while it runs: the stage reports the failure in one line."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(disabled)
 
 
 def _input_name(model: nn.Module) -> str | None:
