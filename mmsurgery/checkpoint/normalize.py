@@ -42,7 +42,21 @@ def _is_tensor(x: Any) -> bool:
 
 
 def _holds_tensors(x: Any) -> bool:
-    return isinstance(x, Mapping) and any(_is_tensor(v) or _holds_tensors(v) for v in x.values())
+    """Whether a mapping holds a tensor at any depth; iterative, and each mapping visited once, because an
+    unpickled object may be nested thousands deep or contain itself."""
+    seen: set[int] = set()
+    todo = [x] if isinstance(x, Mapping) else []
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for v in m.values():
+            if _is_tensor(v):
+                return True
+            if isinstance(v, Mapping):
+                todo.append(v)
+    return False
 
 
 def unwrap(obj: Any, key: str | None = None) -> Unwrapped:
@@ -82,7 +96,12 @@ def unwrap(obj: Any, key: str | None = None) -> Unwrapped:
                 break
             alternatives += ["/".join([*path, k]) for k in found[1:]]
             obj = descend(found[0])
-    tensors = {str(k): v for k, v in obj.items() if _is_tensor(v)}
+    tensors: dict[str, Any] = {}
+    for k, v in obj.items():
+        if _is_tensor(v):
+            if str(k) in tensors:
+                raise BadInputError(f"two entries are both named {str(k)[:80]!r} (keys of different types)")
+            tensors[str(k)] = v
     ignored |= {"/".join([*path, str(k)]): type(v).__name__ for k, v in obj.items() if not _is_tensor(v)}
     return Unwrapped(tensors, tuple(path), tuple(alternatives), ignored)
 

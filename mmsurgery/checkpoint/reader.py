@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
 
 from mmsurgery.checkpoint.dtypes import FLOATING, torch_dtype_name
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
@@ -19,9 +19,11 @@ from mmsurgery.checkpoint.pickled import load_pickle
 from mmsurgery.checkpoint.safetensors_header import decode_floats, read_header
 from mmsurgery.errors import BadInputError
 
+T = TypeVar("T")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+MAX_INDEX_BYTES = 100_000_000  # a shard index is kilobytes; this only bounds what a damaged one can cost
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class _Loader:
         raise NotImplementedError
 
     def read_floats(self, name: str) -> list[float]:
-        return [float(v) for v in self.get(name).float().reshape(-1).tolist()]
+        return [float(v) for v in self.get(name).double().reshape(-1).tolist()]  # exact for every float dtype
 
     def close(self) -> None:
         pass
@@ -169,7 +171,12 @@ class _SafetensorsLoader(_Loader):
     def read_floats(self, name: str) -> list[float]:
         header, entry, file = self._read(name)
         raw = os.pread(self._fd(file), entry.end - entry.begin, header.data_start + entry.begin)
-        return decode_floats(raw, entry.dtype)
+        if len(raw) != entry.end - entry.begin:
+            raise BadInputError(f"{file}: truncated while reading (the file changed after its header was read?)")
+        try:
+            return decode_floats(raw, entry.dtype)
+        except BadInputError as e:
+            raise BadInputError(f"{file}: tensor {name!r}: {e}") from None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -247,7 +254,7 @@ def _looks_like_pickle(p: Path) -> bool:
 def _open_safetensors(p: Path) -> Checkpoint:
     header = read_header(p)
     names = list(header.entries)
-    stripped = strip_prefixes({n: n for n in names})
+    stripped = _naming(p, strip_prefixes, {n: n for n in names})
     infos = {short: _info(short, header.entries[raw]) for short, raw in stripped.items()}
     source = {short: (p, raw) for short, raw in stripped.items()}
     return Checkpoint(p, "safetensors", [p], infos, header.metadata, _SafetensorsLoader(source, {p: header}))
@@ -258,46 +265,87 @@ def _info(name: str, entry: Any) -> TensorInfo:
 
 
 def _open_sharded(index: Path, key: str | None) -> Checkpoint:
-    try:
-        data = json.loads(index.read_text())
-        weight_map: dict[str, str] = data["weight_map"]
-        assert isinstance(weight_map, dict) and weight_map
-    except Exception:
-        raise BadInputError(f"{index}: not a valid shard index (needs a non-empty 'weight_map')") from None
-    shards = list(dict.fromkeys(weight_map.values()))
-    missing = [s for s in shards if not (index.parent / s).is_file()]
+    weight_map = _read_weight_map(index)
+    files = list(dict.fromkeys(index.parent / s for s in weight_map.values()))
+    missing = [str(f.relative_to(index.parent)) for f in files if not f.is_file()]
     if missing:
-        raise BadInputError(f"{index}: shard file(s) missing: {', '.join(missing[:4])}")
-    files = [index.parent / s for s in shards]
+        raise BadInputError(f"{index}: shard file(s) missing: {', '.join(map(_brief, missing[:4]))}")
     if index.name.startswith("pytorch_model.bin"):
         merged: dict[str, Any] = {}
+        contents: dict[Path, list[str]] = {}
         for f in files:
-            merged.update(unwrap(load_pickle(f), key).tensors)
-        ck = _from_tensors(index, "torch-pickle-sharded", files, merged, (), (), {})
-        return ck
-    infos: dict[str, TensorInfo] = {}
-    source: dict[str, tuple[Path, str]] = {}
+            tensors = _naming(f, unwrap, load_pickle(f), key).tensors
+            contents[f] = list(tensors)
+            merged.update(tensors)
+        _check_shards(index, weight_map, contents)
+        return _from_tensors(index, "torch-pickle-sharded", files, merged, (), (), {})
+    headers = {f: read_header(f) for f in files}
+    _check_shards(index, weight_map, {f: list(h.entries) for f, h in headers.items()})
     metadata: dict[str, str] = {}
-    headers = {}
-    for f in files:
-        header = headers[f] = read_header(f)
+    for header in headers.values():
         metadata.update(header.metadata)
-        for raw, entry in header.entries.items():
-            if weight_map.get(raw) != f.name:
-                continue
-            infos[raw] = _info(raw, entry)
-            source[raw] = (f, raw)
-    lost = sorted(set(weight_map) - set(infos))
-    if lost:
-        raise BadInputError(f"{index}: {len(lost)} tensor(s) listed but not in their shard, e.g. {lost[0]!r}")
-    stripped = strip_prefixes({n: n for n in infos})
-    infos = {short: TensorInfo(short, infos[raw].dtype, infos[raw].shape) for short, raw in stripped.items()}
+    source = {raw: (f, raw) for f, header in headers.items() for raw in header.entries}  # file order
+    stripped = _naming(index, strip_prefixes, {n: n for n in source})
+    infos = {short: _info(short, headers[source[raw][0]].entries[raw]) for short, raw in stripped.items()}
     source = {short: source[raw] for short, raw in stripped.items()}
     return Checkpoint(index, "safetensors-sharded", files, infos, metadata, _SafetensorsLoader(source, headers))
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's `weight_map` (tensor name -> shard file), checked: each shard a relative path that stays
+    inside the index's folder, as Hugging Face writes them. Absolute paths and `..` are refused, not followed."""
+    where = f"{index}: not a valid shard index"
+    if index.stat().st_size > MAX_INDEX_BYTES:
+        raise BadInputError(f"{where} (larger than {MAX_INDEX_BYTES // 10**6} MB)")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BadInputError(f"{where} (JSON nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadInputError(f"{where} (not JSON: {str(e)[:200]})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BadInputError(f"{where} (needs a non-empty 'weight_map' object)")
+    for name, shard in weight_map.items():
+        entry = f"{index}: weight_map entry {_brief(name)}"
+        if not isinstance(shard, str):
+            raise BadInputError(f"{entry} is {type(shard).__name__ if shard is not None else 'null'}, not a file name")
+        parts = PurePosixPath(shard).parts
+        if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or "\x00" in shard:
+            raise BadInputError(f"{entry} = {_brief(shard)} points outside the index's folder; shards must lie in it")
+    return weight_map
+
+
+def _check_shards(index: Path, weight_map: dict[str, str], contents: dict[Path, list[str]]) -> None:
+    """Every tensor of every shard is listed in `weight_map` under that shard, and every listed tensor is in its
+    shard: a tensor the index does not name is an error, never silently dropped."""
+    for f, names in contents.items():
+        for name in names:
+            listed = weight_map.get(name)
+            if listed is None:
+                raise BadInputError(
+                    f"{index}: tensor {_brief(name)} is in {_brief(f.name)} but not in the index's weight_map"
+                )
+            if index.parent / listed != f:
+                raise BadInputError(
+                    f"{index}: tensor {_brief(name)} is in {_brief(f.name)} but weight_map puts it in {_brief(listed)}"
+                )
+    held = {name for names in contents.values() for name in names}
+    lost = [n for n in weight_map if n not in held]
+    if lost:
+        raise BadInputError(
+            f"{index}: {len(lost)} tensor(s) listed but not in their shard, e.g. {_brief(lost[0])} "
+            f"(weight_map says {_brief(weight_map[lost[0]])})"
+        )
+
+
+def _brief(text: str, limit: int = 80) -> str:
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"
+
+
 def _open_pickle(p: Path, key: str | None) -> Checkpoint:
-    u = unwrap(load_pickle(p), key)
+    u = _naming(p, unwrap, load_pickle(p), key)
     return _from_tensors(p, "torch-pickle", [p], u.tensors, u.path, u.alternatives, u.ignored)
 
 
@@ -310,6 +358,14 @@ def _from_tensors(
     alternatives: tuple[str, ...],
     ignored: dict[str, str],
 ) -> Checkpoint:
-    tensors = strip_prefixes(tensors)
+    tensors = _naming(p, strip_prefixes, tensors)
     infos = {n: TensorInfo(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
     return Checkpoint(p, fmt, files, infos, {}, _DictLoader(tensors), path, alternatives, ignored)
+
+
+def _naming(path: Path, normalize: Callable[..., T], *args: Any) -> T:
+    """Run a normalisation pass (pure, so it knows no file) and name the file in any error it raises."""
+    try:
+        return normalize(*args)
+    except BadInputError as e:
+        raise type(e)(f"{path}: {e}") from None

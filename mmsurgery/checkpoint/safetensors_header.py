@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,11 @@ from pathlib import Path
 from mmsurgery.checkpoint.dtypes import SAFETENSORS_DTYPES
 from mmsurgery.errors import BadInputError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+MAX_INT_DIGITS = 20  # 2**64 - 1 has 20 digits: no valid offset or dimension is longer
+_LONG_DIGITS = re.compile(rb"\d{%d}" % (MAX_INT_DIGITS + 1))
+MAX_ELEMENTS = 2**63 - 1  # torch sizes are int64: more elements than this cannot be a tensor
+MAX_DIMS = 64  # no checkpoint tensor comes near; a shape of millions of zeros would otherwise cost seconds and GBs
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,13 @@ class SafetensorsHeader:
 
 
 def read_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate the header of a safetensors file; raise `BadInputError` on anything malformed."""
+    """Parse and validate the header of a safetensors file; raise `BadInputError` on anything malformed.
+
+    The rules are the format's own (what the `safetensors` library accepts): a JSON object whose entries each have
+    a dtype string, a shape list of non-negative integers and `data_offsets` [begin, end], tiling the data section
+    exactly; `__metadata__` maps strings to strings. Nothing is coerced: `"2"`, `2.0` or `true` is not an integer.
+    Every size is checked against the file before anything is allocated.
+    """
     file_size = path.stat().st_size
     where = f"{path}: not a valid safetensors file"
     if file_size < 8:
@@ -47,15 +58,17 @@ def read_header(path: Path) -> SafetensorsHeader:
         if n == 0 or n > MAX_HEADER_BYTES or 8 + n > file_size:
             raise BadInputError(f"{where} (header length {n} does not fit a {file_size}-byte file)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(f"{where} (header is not JSON: {e})") from None
+    header = _parse_json(raw, where)
     if not isinstance(header, dict):
-        raise BadInputError(f"{where} (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+        raise BadInputError(f"{where} (header is {_kind(header)}, not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadInputError(f"{where} (__metadata__ must map strings to strings)")
+    problem = _json_problem(list(metadata.values()))
+    if problem:
+        raise BadInputError(f"{where} (__metadata__: {problem})")
     data_len = file_size - 8 - n
     entries: dict[str, HeaderEntry] = {}
     for name, spec in header.items():
@@ -64,25 +77,121 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, entries, dict(metadata), 8 + n, file_size)
 
 
-def _entry(name: str, spec: object, data_len: int, where: str) -> HeaderEntry:
+class _Refused(ValueError):
+    """JSON that Python would read but the format (serde_json in the safetensors library) does not allow."""
+
+
+def _parse_json(raw: bytes, where: str) -> object:
     try:
-        code, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]  # type: ignore[index]
-        shape = tuple(int(s) for s in shape)
-        begin, end = int(begin), int(end)
-    except (TypeError, KeyError, ValueError):
-        raise BadInputError(f"{where} (malformed entry for tensor {name!r})") from None
-    if code not in SAFETENSORS_DTYPES:
-        raise BadInputError(f"{where} (tensor {name!r} has unknown dtype {code!r})")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{where} (header is not UTF-8: {e.reason} at byte {e.start})") from None
+    # A Python call per number costs 4x on a header of millions of them; it is only needed where a `-0` or a
+    # 21-digit run appears (usually inside a string, where it is harmless), so only then is it paid.
+    exact = {"parse_int": _bounded_int} if b"-0" in raw or _LONG_DIGITS.search(raw) else {}
+    try:
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys, **exact)
+    except RecursionError:
+        raise BadInputError(f"{where} (header JSON is nested too deeply)") from None
+    except MemoryError:
+        raise BadInputError(f"{where} (a {len(raw):,}-byte header too large to parse in memory)") from None
+    except ValueError as e:  # JSONDecodeError, _Refused
+        raise BadInputError(f"{where} (header is not valid JSON: {str(e)[:200]})") from None
+
+
+def _no_constant(name: str) -> object:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int | float:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {len(text.lstrip('-'))} digits")
+    return -0.0 if text == "-0" else int(text)  # serde_json reads `-0` as a float, so no size may be written so
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"duplicate key {_brief(key)}")
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Refused(f"key {_brief(key)} is not valid Unicode (a lone surrogate)") from None
+        out[key] = value
+    return out
+
+
+def _json_problem(value: object) -> str | None:
+    """What in `value` the format's JSON parser (serde_json) refuses though Python's accepts: a string with a lone
+    surrogate, a number out of float range (`1e400`). Walked iteratively: the value may be nested deeply."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"string {_brief(v)} is not valid Unicode (a lone surrogate)"
+        elif isinstance(v, float) and not math.isfinite(v):
+            return "a number out of range"
+        elif isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+    return None
+
+
+def _is_size(v: object) -> bool:
+    """A JSON integer torch can take as a size (0 to 2**63 - 1): not a bool, a float or a string of digits."""
+    return type(v) is int and 0 <= v <= MAX_ELEMENTS
+
+
+def _entry(name: str, spec: object, data_len: int, where: str) -> HeaderEntry:
+    tensor = f"{where} (tensor {_brief(name)}"
+    if not isinstance(spec, dict):
+        raise BadInputError(f"{tensor}: expected an object with dtype, shape and data_offsets, got {_kind(spec)})")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in spec]
+    if missing:
+        raise BadInputError(f"{tensor}: no {', '.join(missing)})")
+    code, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    problem = _json_problem([v for k, v in spec.items() if k not in ("dtype", "shape", "data_offsets")])
+    if problem:  # unknown fields are allowed, as safetensors allows them, but must still be valid JSON
+        raise BadInputError(f"{tensor}: {problem})")
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        raise BadInputError(f"{tensor} has unknown dtype {_brief(code)})")
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        raise BadInputError(f"{tensor}: shape has {len(shape)} dimensions, more than the {MAX_DIMS} mmsurgery reads)")
+    if not isinstance(shape, list) or not all(_is_size(s) for s in shape):
+        raise BadInputError(f"{tensor}: shape must be a list of integers from 0 to 2**63 - 1, got {_brief(shape)})")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+        raise BadInputError(f"{tensor}: data_offsets must be [begin, end] integers, got {_brief(offsets)})")
     dtype, itemsize = SAFETENSORS_DTYPES[code]
-    if any(s < 0 for s in shape) or not 0 <= begin <= end:
-        raise BadInputError(f"{where} (tensor {name!r} has a negative shape or offsets)")
+    begin, end = offsets
+    if begin > end:
+        raise BadInputError(f"{tensor}: data_offsets [{begin}, {end}] end before they begin)")
     if end > data_len:
         raise BadInputError(
-            f"{where}: truncated (tensor {name!r} ends at byte {end} of a {data_len}-byte data section)"
+            f"{where}: truncated (tensor {_brief(name)} ends at byte {end} of a {data_len}-byte data section)"
         )
-    if (end - begin) != math.prod(shape) * itemsize:
-        raise BadInputError(f"{where} (tensor {name!r}: {end - begin} bytes do not match shape {list(shape)})")
-    return HeaderEntry(name, dtype, shape, begin, end)
+    numel = _numel(shape)
+    if numel is None:
+        raise BadInputError(f"{tensor}: shape {_brief(shape)} overflows (its dimensions multiply past 2**63 - 1))")
+    if end - begin != numel * itemsize:
+        raise BadInputError(f"{tensor}: {end - begin} bytes do not match shape {_brief(shape)} of {code})")
+    return HeaderEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _numel(shape: list[int]) -> int | None:
+    """Elements of `shape`, or None when torch could not lay it out: its nonzero dimensions (which the strides
+    are made of, even for an empty tensor) multiply past 2**63 - 1. The product stops at the first step past it,
+    so a hostile shape never builds a number of thousands of digits."""
+    n = 1
+    for s in shape:
+        n *= max(s, 1)
+        if n > MAX_ELEMENTS:
+            return None
+    return 0 if 0 in shape else n
 
 
 def _check_coverage(entries: dict[str, HeaderEntry], data_len: int, where: str) -> None:
@@ -90,10 +199,29 @@ def _check_coverage(entries: dict[str, HeaderEntry], data_len: int, where: str) 
     pos = 0
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
         if e.begin != pos:
-            raise BadInputError(f"{where} (tensor {e.name!r} starts at {e.begin}, expected {pos})")
+            raise BadInputError(f"{where} (tensor {_brief(e.name)} starts at {e.begin}, expected {pos})")
         pos = e.end
     if pos != data_len:
         raise BadInputError(f"{where}: {data_len - pos} unexpected bytes after the last tensor")
+
+
+def _kind(v: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a bool", float: "a number", int: "a number"}
+    return "null" if v is None else names.get(type(v), type(v).__name__)
+
+
+def _brief(v: object, limit: int = 60) -> str:
+    """A value for a one-line message: short, and safe on anything JSON can hold (a 5,000-digit number, a list
+    nested 900 deep)."""
+    if isinstance(v, list) and all(x is None or type(x) in (int, float, bool, str) for x in v[:8]):
+        text = "[" + ", ".join(_brief(x, 24) for x in v[:8]) + (f", ... ({len(v)} entries)]" if len(v) > 8 else "]")
+    elif isinstance(v, str):
+        text = repr(v)
+    elif type(v) in (int, float, bool) or v is None:
+        text = json.dumps(v) if type(v) is not int or abs(v) < 10**20 else "a huge number"  # type: ignore[operator]
+    else:
+        return _kind(v)
+    return text if len(text) <= limit else text[: limit - 4] + "..."
 
 
 _STRUCT = {"float32": "f", "float64": "d", "float16": "e"}

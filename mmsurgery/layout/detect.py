@@ -25,10 +25,12 @@ from mmsurgery.layout.families import (
 )
 
 BY_SHAPE = "by-shape"  # the family name reported when names said nothing and shapes decided
+# A block index has at most 9 digits: a longer run of digits is part of a name, not a block (and `int()` of
+# thousands of digits would raise).
 _STACK = re.compile(
-    r"^(?P<stack>(?:.*?\.)?(?:" + "|".join(map(re.escape, containers())) + r"))\.(?P<idx>\d+)\.(?P<rest>.+)$"
+    r"^(?P<stack>(?:.*?\.)?(?:" + "|".join(map(re.escape, containers())) + r"))\.(?P<idx>\d{1,9})\.(?P<rest>.+)$"
 )
-_CHUNKED = re.compile(r"^(?P<idx>\d+)\.(?P<rest>.+)$")  # DINOv2 BlockChunk: blocks.<chunk>.<global idx>.<rest>
+_CHUNKED = re.compile(r"^(?P<idx>\d{1,9})\.(?P<rest>.+)$")  # DINOv2 BlockChunk: blocks.<chunk>.<global idx>.<rest>
 
 
 @dataclass(frozen=True)
