@@ -54,9 +54,10 @@ def build(work: Path) -> tuple[Path, Path]:
     return plain, trained
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, report: Path | None = None) -> dict[str, float]:
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, report: Path | None = None) -> dict[str, float]:
+    """One fresh process; `cwd` is the scratch folder, so `python -m` does not find this checkout by accident."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
@@ -82,13 +83,13 @@ def main() -> None:
     gate += ["--json", str(report)]
     variants = {
         "imports (torch, onnx, onnxruntime, mmsurgery.verify)": lambda: run(
-            [sys.executable, "-c", "import torch, onnx, onnxruntime, mmsurgery.verify"]
+            [sys.executable, "-c", "import torch, onnx, onnxruntime, mmsurgery.verify"], args.dir
         ),
-        "verify (this tree)": lambda: run(gate, report=report),
+        "verify (this tree)": lambda: run(gate, args.dir, report=report),
     }
     if args.before is not None:
         env = {**os.environ, "PYTHONPATH": str(args.before.resolve())}
-        variants["verify (--before)"] = lambda: run(gate, env=env, report=report)
+        variants["verify (--before)"] = lambda: run(gate, args.dir, env=env, report=report)
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():

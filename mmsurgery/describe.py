@@ -11,7 +11,7 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import NoTransformerBlocksError
 from mmsurgery.layout.detect import Layout, Stack, default_stack, detect
-from mmsurgery.pairing.paired import pathway_layers, read_scales
+from mmsurgery.paired_format import pathway_layers, read_scales
 
 SCHEMA = "mmsurgery.inspect/1"
 

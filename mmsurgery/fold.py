@@ -21,8 +21,7 @@ from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
-from mmsurgery.pairing.paired import FORMAT_KEY, VERSION_KEY, pathway_layers, read_scales
-from mmsurgery.pairing.plan import AUX_SUFFIX, SCALE_SUFFIX
+from mmsurgery.paired_format import AUX_SUFFIX, FORMAT_KEY, SCALE_SUFFIX, VERSION_KEY, pathway_layers, read_scales
 
 FOLDED_FORMAT = "folded/1"
 SCALES_KEY = "mmsurgery.scales"

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 from mmsurgery.checkpoint.dtypes import FLOATING, torch_dtype_name
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
-from mmsurgery.checkpoint.pickled import load_pickle
 from mmsurgery.checkpoint.safetensors_header import decode_floats, read_header
 from mmsurgery.errors import BadInputError
 
@@ -274,7 +273,7 @@ def _open_sharded(index: Path, key: str | None) -> Checkpoint:
         merged: dict[str, Any] = {}
         contents: dict[Path, list[str]] = {}
         for f in files:
-            tensors = _naming(f, unwrap, load_pickle(f), key).tensors
+            tensors = _naming(f, unwrap, _load_pickle(f), key).tensors
             contents[f] = list(tensors)
             merged.update(tensors)
         _check_shards(index, weight_map, contents)
@@ -344,8 +343,15 @@ def _brief(text: str, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 5] + "...'"
 
 
+def _load_pickle(path: Path) -> Any:
+    """`pickled.load_pickle`, imported when a pickle is opened: safetensors readers (`inspect`) never pay for it."""
+    from mmsurgery.checkpoint.pickled import load_pickle
+
+    return load_pickle(path)
+
+
 def _open_pickle(p: Path, key: str | None) -> Checkpoint:
-    u = _naming(p, unwrap, load_pickle(p), key)
+    u = _naming(p, unwrap, _load_pickle(p), key)
     return _from_tensors(p, "torch-pickle", [p], u.tensors, u.path, u.alternatives, u.ignored)
 
 

@@ -8,7 +8,6 @@ names M2PT's own `CrossModalReparamLinear` saves, so the file loads with a stric
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,43 +17,15 @@ from mmsurgery import __version__
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
-from mmsurgery.errors import BadInputError, FoldError
-from mmsurgery.pairing.plan import AUX_SUFFIX, SCALE_SUFFIX, Plan
-
-FORMAT_KEY = "mmsurgery.format"
-PLAN_KEY = "mmsurgery.plan"
-VERSION_KEY = "mmsurgery.version"
-VIT_KEY = "mmsurgery.vit"  # the built-in ViT's config (models.vit.METADATA_KEY)
-PAIRED_FORMAT = "paired/1"
+from mmsurgery.errors import BadInputError
+from mmsurgery.paired_format import FORMAT_KEY, PAIRED_FORMAT, PLAN_KEY, VERSION_KEY, VIT_KEY
+from mmsurgery.pairing.plan import Plan
 
 
 @dataclass(frozen=True)
 class PairedWrite:
     result: WriteResult
     metadata: dict[str, str]
-
-
-def pathway_layers(ck: Checkpoint) -> list[str]:
-    """Module paths that carry a pathway: `P.cross_modal_scale`, `P.aux_weight` and `P.weight` all present."""
-    layers = [k.removesuffix("." + SCALE_SUFFIX) for k in ck.infos if k.endswith("." + SCALE_SUFFIX)]
-    aux = {k.removesuffix("." + AUX_SUFFIX) for k in ck.infos if k.endswith("." + AUX_SUFFIX)}
-    problems = [f"{p}: no aux_weight" for p in layers if p not in aux]
-    problems += [f"{p}: aux_weight without cross_modal_scale" for p in sorted(aux - set(layers))]
-    for p in layers:
-        w = ck.infos.get(f"{p}.weight")
-        if w is None:
-            problems.append(f"{p}: no weight")
-        elif p in aux and ck.infos[f"{p}.{AUX_SUFFIX}"].shape != w.shape:
-            problems.append(f"{p}: aux_weight {list(ck.infos[f'{p}.{AUX_SUFFIX}'].shape)} != weight {list(w.shape)}")
-        elif math.prod(ck.infos[f"{p}.{SCALE_SUFFIX}"].shape) != 1:
-            problems.append(f"{p}: cross_modal_scale must hold one value")
-    if problems:
-        raise FoldError(f"{ck.path}: not a consistent paired checkpoint: {'; '.join(problems[:4])}")
-    return layers
-
-
-def read_scales(ck: Checkpoint, layers: list[str]) -> dict[str, float]:
-    return {p: ck.read_floats(f"{p}.{SCALE_SUFFIX}")[0] for p in layers}
 
 
 def default_output(target: Path) -> Path:

@@ -6,11 +6,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX
 from mmsurgery.pairing.transforms import Transform
 
 SCHEMA = "mmsurgery.plan/1"
-AUX_SUFFIX = "aux_weight"  # M2PT's names: <linear>.aux_weight and <linear>.cross_modal_scale
-SCALE_SUFFIX = "cross_modal_scale"
 
 
 def module_path(weight_key: str) -> str:
