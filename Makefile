@@ -41,6 +41,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_overhead.py
 	$(PY) benchmarks/pair.py
 	$(PY) benchmarks/fold.py
+	$(PY) benchmarks/inspect_startup.py
+	$(PY) benchmarks/weights.py
+	$(PY) benchmarks/verify.py
 
 # Opt-in: timm needs torchvision, which imports here only with torch 2.14.1 + torchvision 0.29.1 (a 5.5 GB
 # CUDA build), so it gets its own venv and CI skips it.

@@ -4,7 +4,9 @@ Baseline, in the same run: `cat PAIRED PLAIN > /dev/null`, the floor of reading 
 interleaved, each in its own process (peak memory is its own), warm page cache (the files were just written or
 read), so the ratio shows the stage's own cost over reading the bytes.
 
-    .venv/bin/python benchmarks/weights.py [--size vit_l] [--repeats 3] [--dir DIR]
+    .venv/bin/python benchmarks/weights.py [--size vit_l] [--repeats 3] [--dir DIR] [--cold]
+
+`--cold` evicts both files from the page cache (`posix_fadvise(DONTNEED)`) before every run of every variant.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SIZES, interleave, make_vit, print_table, run_child
+from common import SIZES, drop_cache, interleave, make_vit, print_table, run_child
 
 STAGE = """
 with open_checkpoint(PLAIN) as plain, open_checkpoint(PAIRED) as paired:
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="vit_l")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "mmsurgery-bench")
+    ap.add_argument("--cold", action="store_true", help="evict both files from the page cache before each run")
     args = ap.parse_args()
     work = args.dir / f"weights-{args.size}"
     work.mkdir(parents=True, exist_ok=True)
@@ -48,7 +51,12 @@ def main() -> None:
         aux.unlink()
     size_gb = (paired.stat().st_size + plain.stat().st_size) / 1e9
 
+    def evict() -> None:
+        if args.cold:
+            drop_cache(paired, plain)
+
     def cat() -> dict[str, float]:
+        evict()
         t0 = time.perf_counter()
         with open("/dev/null", "wb") as null:
             subprocess.run(["cat", str(paired), str(plain)], stdout=null, check=True)
@@ -59,10 +67,15 @@ def main() -> None:
         "from mmsurgery.checkpoint import open_checkpoint\nfrom mmsurgery.verify.weights import check_weights\n"
         f"PLAIN, PAIRED = {str(plain)!r}, {str(paired)!r}"
     )
-    results = interleave({"cat PAIRED PLAIN": cat, "weights stage": lambda: run_child(setup, STAGE)}, args.repeats)
+
+    def stage() -> dict[str, float]:
+        evict()
+        return run_child(setup, STAGE)
+
+    results = interleave({"cat PAIRED PLAIN": cat, "weights stage": stage}, args.repeats)
     d, _, h = SIZES[args.size]
     print(f"\n{args.size}: PAIRED + PLAIN = {size_gb:.2f} GB, largest tensor {4 * d * h / 2**20:.0f} MB (float32);")
-    print(f"warm page cache; median of {args.repeats} interleaved rounds")
+    print(f"{'cold' if args.cold else 'warm'} page cache; median of {args.repeats} interleaved rounds")
     print_table(results, "cat PAIRED PLAIN", wall="wall after imports (s)")
 
 
