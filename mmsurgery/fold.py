@@ -150,9 +150,9 @@ def fold_file(
             SOURCE_KEY: hashing.placeholder,
             SCALES_KEY: json.dumps(source.scales, separators=(",", ":")),
         }
-        dest = Path(out) if out is not None else default_output(ck.path)
+        dest = out if out is not None else default_output(ck.path)  # a str keeps a trailing `/`
         with SafetensorsWriter(
-            dest, source.specs, metadata=metadata, shard_size=shard_size, force=force, inputs=ck.files
+            dest, source.specs, metadata=metadata, shard_size=shard_size, force=force, inputs=[ck.path, *ck.files]
         ) as w:
             for s in source.specs:
                 w.write(s.name, source.tensor(s.name))

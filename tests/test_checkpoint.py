@@ -260,6 +260,6 @@ def test_no_space_is_reported_before_streaming_and_leaves_nothing(tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(BadInputError, match=r"x\.safetensors: .*No space"):
         write_safetensors(tmp_path / "x.safetensors", {"a": torch.zeros(8)})
     assert list(tmp_path.iterdir()) == []

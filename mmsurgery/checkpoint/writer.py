@@ -1,18 +1,27 @@
-"""Atomic safetensors writing: one file or Hugging Face shards with an index, streamed tensor by tensor.
+"""Atomic, exclusive safetensors writing: one file or Hugging Face shards with an index, streamed tensor by tensor.
 
 The header is computed from the tensor specs up front, so a producer (the streaming fold) hands over one
-tensor at a time and nothing bigger than one tensor is held. Every file is written to a temp file in the
-target folder, fsynced, and renamed only when all of them are complete: no half-written output, ever.
+tensor at a time and nothing bigger than one tensor is held. Every file is written to a temp file (or a temp
+folder) beside the target, fsynced, and published only when all of them are complete, with a no-replace link
+or rename unless `force`: no half-written output, and never a silent replacement of an output that appeared
+meanwhile. Temp names carry the writer's pid, so a later writer to the same output can remove the temps of a
+killed one. The guarantees are spelled out in docs/formats.md, "Atomic, exclusive outputs".
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
+import secrets
+import shutil
+import signal
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +30,15 @@ from mmsurgery.checkpoint.dtypes import ITEMSIZE, NAME_TO_CODE, torch_dtype_name
 from mmsurgery.checkpoint.reader import TensorInfo
 from mmsurgery.errors import BadInputError, OutputExistsError
 
+__all__ = ["SafetensorsWriter", "WriteResult", "check_output", "parse_size", "write_safetensors", "write_text_atomic"]
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+TEMP_SUFFIX = ".mmsurgery-tmp"
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<rand>[A-Za-z0-9_]+)" + re.escape(TEMP_SUFFIX))
+_NAME_BYTES = 200  # of the target's name kept in a temp name: pid, random part and suffix fit in 255 bytes
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def parse_size(text: str | int) -> int:
@@ -48,21 +64,58 @@ class WriteResult:
 
 
 def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse to write over an input (always) or an existing file (unless `force`)."""
-    for src in inputs:
-        src = Path(src)
-        same = src.resolve() == out.resolve() or (out.exists() and src.exists() and os.path.samefile(src, out))
-        if same:
-            raise OutputExistsError(f"{out}: the output would overwrite an input; choose another path")
-    if out.exists() and not force:
+    """Refuse to write over an input (always, even with `force`) or an existing file (unless `force`)."""
+    _refuse_overlap([Path(out)], None, inputs)
+    if os.path.lexists(out) and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+
+
+def _resolve_output(path: str | os.PathLike[str]) -> tuple[Path, str, bool]:
+    """(folder, stem, named as a folder). A `.safetensors` name is a file; an existing folder, a path ending in
+    `/` or a name without any suffix is a folder; anything else (`out.st`) is refused rather than guessed."""
+    text = os.fspath(path)
+    p = Path(text)
+    if p.is_dir() or text.endswith(("/", os.sep)):
+        return p, "model", True
+    if p.suffix == ".safetensors":
+        return p.parent, p.stem, False
+    if os.path.lexists(p):
+        raise BadInputError(f"{p}: exists and is not a folder; name a .safetensors file, or a folder to write into")
+    if p.suffix:
+        raise BadInputError(
+            f"{p}: an output must be a .safetensors file name or a folder; write {p.name}.safetensors for a file, "
+            f"or create the folder first (a library caller may also end the path in /)"
+        )
+    return p, "model", True
+
+
+def _refuse_overlap(outputs: Sequence[Path], folder: Path | None, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """An output set may never overlap an input: not one of its files, not the folder holding an input, even
+    with `force` (a fold into its own input folder would replace the index the rest of the set depends on)."""
+    for src in inputs:
+        src_path = Path(src)
+        src_real = Path(os.path.realpath(src_path))
+        for out in outputs:
+            real = Path(os.path.realpath(out))
+            if real == src_real or src_real in real.parents or _same(src_path, out):
+                raise OutputExistsError(f"{out}: the output would overwrite an input ({src}); choose another path")
+        if folder is not None:
+            real_folder = Path(os.path.realpath(folder))
+            if real_folder == src_real or real_folder in src_real.parents:
+                raise OutputExistsError(
+                    f"{folder}: the output folder holds an input ({src}); choose another folder (even with --force)"
+                )
 
 
 class SafetensorsWriter:
     """Write tensors, in the order of `specs`, to `path` (`x.safetensors` or a folder), sharded if needed.
 
     Use as a context manager: `write()` each tensor, then `commit()`; leaving the block without `commit()`
-    (an exception, an interrupt) removes every temp file and leaves the target untouched.
+    (an exception, Ctrl-C, SIGTERM) removes every temp file and leaves the target untouched. Inside the block
+    SIGTERM (when nobody else handles it) cleans up like Ctrl-C, then ends the process by SIGTERM as before.
+    Filesystem errors on the output (a name too long, a read-only or unwritable folder, a full disk) raise
+    `BadInputError` naming the path; an output that exists, or appears before the commit, raises
+    `OutputExistsError` unless `force`; an output that overlaps an input raises it even with `force`.
     """
 
     def __init__(
@@ -75,8 +128,10 @@ class SafetensorsWriter:
         force: bool = False,
         inputs: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
-        path = Path(path)
-        folder, stem = (path, "model") if path.is_dir() or path.suffix != ".safetensors" else (path.parent, path.stem)
+        try:
+            folder, stem, named_folder = _resolve_output(path)
+        except OSError as e:
+            raise _os_error(e, Path(path)) from e
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._original_metadata = dict(self.metadata)
         limit = parse_size(shard_size) if shard_size is not None else None
@@ -86,11 +141,27 @@ class SafetensorsWriter:
             names, self.index = [f"{stem}.safetensors"], None
         else:
             names = [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-            self.index = folder / f"{stem}.safetensors.index.json"
+            self.index = folder / f"{stem}{INDEX_SUFFIX}"
         self.targets = [folder / name for name in names]
-        for t in [*self.targets, *([self.index] if self.index else [])]:
-            check_output(t, [Path(i) for i in inputs], force)
-        folder.mkdir(parents=True, exist_ok=True)
+        self.force = force
+        self._folder = folder
+        self._stem = stem
+        outputs = [*self.targets, *([self.index] if self.index else [])]
+        try:
+            _refuse_overlap(outputs, folder if named_folder else None, inputs)
+            if not force:
+                for t in outputs:
+                    if os.path.lexists(t):
+                        raise OutputExistsError(f"{t} exists; pass --force to overwrite it")
+            self._new_folder = not folder.is_dir()
+            if self._new_folder and os.path.lexists(folder):
+                raise BadInputError(f"{folder}: exists and is not a folder; choose another output path")
+            _check_name_lengths([*outputs, *([folder] if self._new_folder else [])])
+            self.removed_stale = self._remove_stale()
+            if self._new_folder:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _os_error(e, folder) from e
         self._groups = groups
         self._order = [s.name for g in groups for s in g]
         self._specs = {s.name: s for s in specs}
@@ -98,14 +169,31 @@ class SafetensorsWriter:
         self._shard = -1
         self._file: Any = None
         self._temps: list[Path] = []
+        self._work: Path | None = None
         self._committed = False
+        self._old_term: Any = None
+        self._terminated = False
 
     def __enter__(self) -> SafetensorsWriter:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old_term = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        if not self._committed:
-            self.abort()
+        try:
+            if not self._committed:
+                self.abort()
+        finally:
+            if self._old_term is not None:
+                signal.signal(signal.SIGTERM, self._old_term)
+                self._old_term = None
+            if self._terminated:  # cleaned up: now die of SIGTERM, as the default action would have
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self._terminated = True
+        raise KeyboardInterrupt
 
     def write(self, name: str, tensor: Any) -> None:
         if self._pos >= len(self._order) or self._order[self._pos] != name:
@@ -114,29 +202,67 @@ class SafetensorsWriter:
         spec = self._specs[name]
         if torch_dtype_name(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, header says {spec.dtype} {spec.shape}")
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(_uint8()).numpy())
         shard = self._shard_of(self._pos)
-        if shard != self._shard:
-            self._open_shard(shard)
-        self._file.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(_uint8()).numpy()))
+        try:
+            if shard != self._shard:
+                self._open_shard(shard)
+            self._file.write(data)
+        except OSError as e:
+            raise _os_error(e, self.targets[shard]) from e
         self._pos += 1
 
     def commit(self, patch: Mapping[str, str] | None = None) -> WriteResult:
-        """Rename every file into place. `patch` replaces placeholder strings in the metadata (each with a
-        string of the same length, e.g. a digest computed while the tensors streamed) before anything is renamed."""
+        """Publish the output. `patch` replaces placeholder strings in the metadata (each with a string of the
+        same length, e.g. a digest computed while the tensors streamed) before anything is published."""
         if self._pos != len(self._order):
             raise ValueError(f"{len(self._order) - self._pos} tensor(s) were never written")
-        self._close_file()
-        if patch:
-            self._patch_headers(patch)
-        for temp, target in zip(self._temps, self.targets, strict=True):
-            os.replace(temp, target)
+        try:
+            self._close_file()
+            if patch:
+                self._patch_headers(patch)
+            if self._work is None:
+                _move(self._temps[0], self.targets[0], self.force)
+                _fsync_dir(self._folder)
+            else:
+                self._publish_work()
+        except OSError as e:
+            raise _os_error(e, self.index or self.targets[0]) from e
+        self._committed = True
+        self._temps = []
+        return WriteResult(tuple(self.targets), self.index, self.total_size)
+
+    def _publish_work(self) -> None:
+        work = self._work
+        assert work is not None
         if self.index is not None:
             weight_map = {s.name: self.targets[i].name for i, g in enumerate(self._groups) for s in g}
             body = {"metadata": {"total_size": self.total_size, **self.metadata}, "weight_map": weight_map}
-            write_text_atomic(self.index, json.dumps(body, indent=2) + "\n")
-        _fsync_dir(self.targets[0].parent)
+            _write_new(work / self.index.name, json.dumps(body, indent=2) + "\n")
+        _fsync_dir(work)
+        if self._new_folder:
+            os.chmod(work, 0o777 & ~_umask())
+            try:
+                _rename_noreplace(work, self._folder, folder=True)
+            except FileExistsError as e:
+                if not self.force:
+                    msg = f"{self._folder} appeared while writing; pass --force to write into it"
+                    raise OutputExistsError(msg) from e
+            else:
+                self._work = None
+                _fsync_dir(self._folder.parent)
+                return
+        last = self.index or self.targets[0]  # the commit point: a reader opens the set through it
+        if self.force and self.index is not None and os.path.lexists(self.index):
+            os.unlink(self.index)  # retire the old set before any of its shards changes
+        for t in [*self.targets, *([self.index] if self.index else [])]:
+            if t != last:
+                _link(work / t.name, t, self.force)
+        _link(work / last.name, last, self.force)
+        _fsync_dir(self._folder)
         self._committed = True
-        return WriteResult(tuple(self.targets), self.index, self.total_size)
+        shutil.rmtree(work, ignore_errors=True)
+        self._work = None
 
     def _patch_headers(self, patch: Mapping[str, str]) -> None:
         for old, new in patch.items():
@@ -156,7 +282,12 @@ class SafetensorsWriter:
                 os.fsync(f.fileno())
 
     def abort(self) -> None:
-        self._close_file()
+        """Remove every temp file, and any file this writer linked into place before its commit point."""
+        with contextlib.suppress(OSError):
+            self._close_file()
+        if self._work is not None:
+            _discard_work(self._work, self._folder)
+            self._work = None
         for temp in self._temps:
             temp.unlink(missing_ok=True)
         self._temps = []
@@ -164,6 +295,19 @@ class SafetensorsWriter:
     @property
     def total_size(self) -> int:
         return sum(_nbytes(s) for s in self._specs.values())
+
+    def _remove_stale(self) -> list[Path]:
+        """Temps of this output left by writers that are dead (killed): only names of our pattern whose pid
+        is not a live process, never one of a live writer."""
+        removed = _remove_stale_in(self._folder.parent, {_temp_stem(self._folder.name)}.__contains__, self._folder)
+        shard_re = re.compile(re.escape(self._stem) + r"-\d{5}-of-\d{5}\.safetensors")
+        own = {_temp_stem(n) for n in (f"{self._stem}.safetensors", f"{self._stem}{INDEX_SUFFIX}")}
+        own |= {_temp_stem(t.name) for t in self.targets}
+
+        def ours(name: str) -> bool:
+            return name in own or shard_re.fullmatch(name) is not None
+
+        return removed + _remove_stale_in(self._folder, ours, self._folder)
 
     def _shard_of(self, pos: int) -> int:
         for i, g in enumerate(self._groups):
@@ -175,8 +319,19 @@ class SafetensorsWriter:
     def _open_shard(self, shard: int) -> None:
         self._close_file()
         target = self.targets[shard]
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        self._temps.append(Path(tmp))
+        if self._new_folder or self.index is not None:
+            if self._work is None:
+                index_name = f"{self._stem}{INDEX_SUFFIX}"
+                parent, name = (
+                    (self._folder.parent, self._folder.name) if self._new_folder else (self._folder, index_name)
+                )
+                self._work = Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(name), suffix=TEMP_SUFFIX))
+            tmp = self._work / target.name
+            self._temps.append(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        else:
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target.name), suffix=TEMP_SUFFIX)
+            self._temps.append(Path(name))
         header = _header(self._groups[shard], self.metadata)
         try:  # reserve the extents up front: fewer block allocations while streaming, and ENOSPC before any data
             os.posix_fallocate(fd, 0, len(header) + sum(_nbytes(s) for s in self._groups[shard]))
@@ -190,11 +345,13 @@ class SafetensorsWriter:
 
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            os.fchmod(self._file.fileno(), 0o666 & ~_umask())
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+            finally:
+                f.close()
 
 
 def write_safetensors(
@@ -246,6 +403,175 @@ def _header(specs: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
+
+def _os_error(e: OSError, path: Path) -> BadInputError:
+    """One line naming the output path (not a temp name): a name too long, a read-only or unwritable folder, a
+    full disk, ... are problems with the chosen output, not bugs."""
+    return BadInputError(f"{path}: cannot write the output: {e.strerror or e}")
+
+
+def _check_name_lengths(paths: Sequence[Path]) -> None:
+    """Refuse a name the filesystem cannot hold before any data is written, not at the commit."""
+    for p in paths:
+        probe = p.parent
+        while not probe.is_dir() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            limit = os.pathconf(probe, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        n = len(os.fsencode(p.name))
+        if n > limit:
+            raise BadInputError(f"{p}: cannot write the output: the name is {n} bytes, this filesystem allows {limit}")
+
+
+def _temp_stem(name: str) -> str:
+    return name.encode()[:_NAME_BYTES].decode(errors="ignore")
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{_temp_stem(name)}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when no process has this pid (so its temps are provably abandoned)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: alive, another user's; anything else: not provably dead
+        return True
+    return True
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _remove_stale_in(where: Path, ours: Callable[[str], bool], dest: Path) -> list[Path]:
+    try:
+        entries = list(os.scandir(where))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in entries:
+        m = _TEMP_RE.fullmatch(entry.name)
+        if m is None or not ours(m["name"]) or _pid_alive(int(m["pid"])):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            _discard_work(path, dest)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _discard_work(work: Path, dest: Path) -> None:
+    """Remove a temp folder, and the files linked from it into `dest` unless its commit point (the index, or
+    the one file) was published too: a file in `dest` that is the same inode as one in `work` is provably ours."""
+    try:
+        files = [p for p in work.iterdir() if p.is_file()]
+    except OSError:
+        files = []
+    marker = next((p for p in files if p.name.endswith(INDEX_SUFFIX)), files[0] if len(files) == 1 else None)
+    if marker is None or not _same(dest / marker.name, marker):
+        for p in files:
+            if _same(dest / p.name, p):
+                (dest / p.name).unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _renameat2_noreplace(src: Path, dst: Path) -> bool:
+    """`renameat2(RENAME_NOREPLACE)`; False where the libc or the filesystem lacks it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_noreplace = -100, 1
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _rename_noreplace(src: Path, dst: Path, *, folder: bool = False) -> None:
+    """Rename, failing with FileExistsError if `dst` exists. Without renameat2 a folder falls back to rename(2),
+    which refuses a non-empty folder; a file falls back to a check then a rename (racy, documented)."""
+    try:
+        if _renameat2_noreplace(src, dst):
+            return
+        if folder:
+            os.rename(src, dst)
+            return
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from e
+        raise
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    os.rename(src, dst)
+
+
+def _move(src: Path, dst: Path, force: bool) -> None:
+    """Publish a complete temp file: replace with `force`, else a hard link that fails if `dst` appeared."""
+    if force:
+        os.replace(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise OutputExistsError(f"{dst} appeared while writing; pass --force to overwrite it") from None
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        try:
+            _rename_noreplace(src, dst)
+        except FileExistsError:
+            raise OutputExistsError(f"{dst} appeared while writing; pass --force to overwrite it") from None
+        return
+    os.unlink(src)
+
+
+def _link(src: Path, dst: Path, force: bool) -> None:
+    """Like `_move`, but keeps `src`: the shared inode proves to a later writer which published files are ours."""
+    if not force:
+        try:
+            os.link(src, dst)
+            return
+        except FileExistsError:
+            raise OutputExistsError(f"{dst} appeared while writing; pass --force to overwrite it") from None
+        except OSError as e:
+            if e.errno not in _NO_LINKS:
+                raise
+        _move(src, dst, force)
+        return
+    tmp = dst.parent / f"{_temp_prefix(dst.name)}{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        os.link(src, tmp)
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        os.replace(src, dst)
+        return
+    os.replace(tmp, dst)
+
+
+def _write_new(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -78,7 +78,7 @@ def write_paired(
     vit = vit_metadata(target, heads)
     if vit is not None:
         metadata[VIT_KEY] = vit
-    inputs = [*target.files, *aux.files]
+    inputs = [target.path, *target.files, aux.path, *aux.files]  # an index is an input too
     with SafetensorsWriter(out, specs, metadata=metadata, shard_size=shard_size, force=force, inputs=inputs) as w:
         for name in target.infos:
             w.write(name, target.get(name))
