@@ -6,6 +6,7 @@ usage; 1: a failed check). `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 
 from mmsurgery import __version__
-from mmsurgery.errors import MMSurgeryError
+from mmsurgery.errors import BadInputError, MMSurgeryError
 
 app = typer.Typer(
     name="mmsurgery",
@@ -233,13 +234,15 @@ def verify(
         opset=opset,
         weights_ulps=weights_ulps,
     )
-    if json_out is not None:
-        report.write_json(json_out)
-    if junit is not None:
-        report.write_junit(junit)
     from mmsurgery import render
 
-    _stdout().print(render.verify_report(report))
+    _stdout().print(render.verify_report(report))  # first: a report file that cannot be written loses no result
+    for out, write in ((json_out, report.write_json), (junit, report.write_junit)):
+        if out is not None:
+            try:
+                write(out)
+            except OSError as e:
+                raise BadInputError(f"{out}: cannot write the report ({e.strerror or type(e).__name__})") from None
     if not report.passed:
         raise typer.Exit(1)
 
@@ -268,19 +271,49 @@ def main(argv: list[str] | None = None) -> int:
     except MMSurgeryError as e:
         if debug:
             raise
-        from mmsurgery.render import print_error
-
-        print_error(Console(stderr=True, soft_wrap=True), str(e))
-        return e.exit_code
+        return _report(str(e), e.exit_code)
+    except OSError as e:  # the environment refused a path (too long a name, no permission, a full disk): input
+        if debug or e.errno not in _ENVIRONMENT_ERRNOS:
+            return _internal(e, debug)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return _report(f"{where}{e.strerror or type(e).__name__}", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: still one line, and a way to see more
-        if debug:
-            raise
-        print(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
-        return 3
+        return _internal(e, debug)
     return 0
+
+
+_ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        *("ENOENT", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "ELOOP", "EACCES", "EPERM", "EROFS"),
+        *("ENOSPC", "EDQUOT", "EFBIG", "EMFILE", "ENFILE", "EEXIST", "EXDEV", "EIO", "EBUSY", "ETXTBSY"),
+    )
+    if hasattr(errno, name)
+)
+
+
+def _report(message: str, code: int) -> int:
+    """One escaped line on stderr (`render.print_error`), and the exit code."""
+    from mmsurgery.render import print_error
+
+    print_error(Console(stderr=True, soft_wrap=True), message)
+    return code
+
+
+def _internal(e: BaseException, debug: bool) -> int:
+    """A bug: exit 3 with one escaped line, or the traceback under --debug."""
+    if debug:
+        raise e
+    from mmsurgery.render import escape_controls
+
+    print(
+        escape_controls(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)"),
+        file=sys.stderr,
+    )
+    return 3
 
 
 def _entry() -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "FORMAT_KEY",
     "PAIRED_FORMAT",
     "PLAN_KEY",
+    "SCALE_SHAPES",
     "SCALE_SUFFIX",
     "VERSION_KEY",
     "VIT_KEY",
@@ -32,6 +33,7 @@ PLAN_KEY = "mmsurgery.plan"
 VERSION_KEY = "mmsurgery.version"
 VIT_KEY = "mmsurgery.vit"  # the built-in ViT's config (models.vit.METADATA_KEY)
 PAIRED_FORMAT = "paired/1"
+SCALE_SHAPES = ((1,), ())  # λ is one value: M2PT's `torch.zeros(1)`, or a 0-d tensor; [1, 1, 1] would broadcast W
 
 
 def pathway_layers(ck: Checkpoint) -> list[str]:
@@ -47,8 +49,10 @@ def pathway_layers(ck: Checkpoint) -> list[str]:
             problems.append(f"{p}: no weight")
         elif p in aux and ck.infos[f"{p}.{AUX_SUFFIX}"].shape != w.shape:
             problems.append(f"{p}: aux_weight {list(ck.infos[f'{p}.{AUX_SUFFIX}'].shape)} != weight {list(w.shape)}")
-        elif math.prod(ck.infos[f"{p}.{SCALE_SUFFIX}"].shape) != 1:
-            problems.append(f"{p}: cross_modal_scale must hold one value")
+        elif ck.infos[f"{p}.{SCALE_SUFFIX}"].shape not in SCALE_SHAPES:
+            shape = list(ck.infos[f"{p}.{SCALE_SUFFIX}"].shape)
+            what = "must hold one value" if math.prod(shape) != 1 else "must have shape [1] or [] (reshape it)"
+            problems.append(f"{p}: cross_modal_scale has shape {shape}; λ {what}")
     if problems:
         raise FoldError(f"{ck.path}: not a consistent paired checkpoint: {'; '.join(problems[:4])}")
     return layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
@@ -34,7 +35,7 @@ def human_count(n: int) -> str:
 
 def description(d: Description) -> Group:
     head = Text.assemble(
-        (str(d.path), "bold"),
+        (escape_controls(str(d.path)), "bold"),
         f"\n{d.format} · {human_bytes(d.file_size)} in {len(d.files)} file(s) · {d.num_tensors} tensors · ",
         (f"{d.num_params:,}", "bold"),
         " parameters",
@@ -61,7 +62,7 @@ def description(d: Description) -> Group:
             "Conv1D" if s.orientation == "conv1d" else "",
         ]
         table.add_row(
-            s.prefix,
+            escape_controls(s.prefix),
             s.family,
             str(s.depth),
             str(s.width or "?"),
@@ -75,21 +76,23 @@ def description(d: Description) -> Group:
     parts.append(table)
     shown = d.default_stack or d.stacks[0]
     roles = Table(
-        title=f"linears of {shown.blocks[0].prefix}* (every block alike)", title_justify="left", show_edge=False
+        title=f"linears of {escape_controls(shown.blocks[0].prefix)}* (every block alike)",
+        title_justify="left",
+        show_edge=False,
     )
     for col in ("role", "key", "shape", "bias"):
         roles.add_column(col)
     for lin in shown.blocks[0].linears:
-        roles.add_row(lin.role, lin.key, str(list(lin.shape)), "yes" if lin.bias else "no")
+        roles.add_row(lin.role, escape_controls(lin.key), str(list(lin.shape)), "yes" if lin.bias else "no")
     parts.append(roles)
     for s in d.stacks:
         for note in s.notes:
-            parts.append(Text(f"note ({s.prefix}): {note}", style="yellow"))
+            parts.append(Text(escape_controls(f"note ({s.prefix}): {note}"), style="yellow"))
     if d.scales:
         parts.append(scale_chart(d))
     if d.layout.other:
         other = ", ".join(f"{g} ({t} tensors, {human_count(p)})" for g, (t, p) in sorted(d.layout.other.items()))
-        parts.append(Text(f"outside the blocks: {other}"))
+        parts.append(Text(escape_controls(f"outside the blocks: {other}")))
     return Group(*parts)
 
 
@@ -141,17 +144,19 @@ def plan(p: Plan, output: object = None) -> Group:
     )
     for _, _, key, aux, transform, shape, status in rows:
         style = "" if status == "paired" else "yellow"
-        table.add_row(key, aux, transform, str(list(shape)), status, style=style)
+        table.add_row(escape_controls(key), escape_controls(aux), transform, str(list(shape)), status, style=style)
     parts: list[object] = [
         Text(
-            f"target {p.target.path} ({p.target.family}, {p.target.stack}) <- aux {p.aux.path} ({p.aux.family}, {p.aux.stack})"
+            escape_controls(
+                f"target {p.target.path} ({p.target.family}, {p.target.stack}) <- aux {p.aux.path} ({p.aux.family}, {p.aux.stack})"
+            )
         ),
         table,
     ]
     for w in p.warnings:
-        parts.append(Text(f"warning: {w}", style="yellow"))
+        parts.append(Text(escape_controls(f"warning: {w}"), style="yellow"))
     parts.append(Text(p.summary, style="bold"))
-    parts.append(Text(f"wrote {output}" if output else "dry run: nothing written", style="dim"))
+    parts.append(Text(escape_controls(f"wrote {output}") if output else "dry run: nothing written", style="dim"))
     return Group(*parts)
 
 
@@ -190,25 +195,42 @@ def scale_chart(d: Description, width: int = 12) -> Table:
             rendered.append(
                 Text(f"{v:+.3f} ", style="bold") + Text(bar.ljust(width, "·"), style="green" if v >= 0 else "red")
             )
-        table.add_row(block.rstrip("."), *rendered)
+        table.add_row(escape_controls(block.rstrip(".")), *rendered)
     return table
 
 
 def fold_result(r: FoldResult) -> Text:
     if r.already_plain:
-        return Text(f"{r.source} holds no pathway tensors: already plain, nothing written", style="bold")
+        return Text(
+            escape_controls(f"{r.source} holds no pathway tensors: already plain, nothing written"), style="bold"
+        )
     size = human_bytes(r.written.total_size) if r.written else "0 B"
     lam = ", ".join(f"{v:+.3g}" for v in list(r.scales.values())[:4])
     more = ", ..." if len(r.scales) > 4 else ""
     return Text.assemble(
         (f"folded {len(r.scales)} pathways", "bold"),
         f" (λ {lam}{more}) into {r.num_tensors} plain tensors, {size}\n",
-        f"wrote {r.output}\nsource sha256 {r.sha256}",
+        escape_controls(f"wrote {r.output}") + f"\nsource sha256 {r.sha256}",
     )
 
 
+# C0/C1 controls (ESC, CR, LF, ...), lone surrogates (from undecodable file names or pickled keys), line and
+# paragraph separators, and bidi overrides: what could move the cursor, colour the terminal, split the line or
+# make the encoder raise.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character and lone surrogate written as its Python escape (`\\x1b`, `\\n`,
+    `\\ud800`), so a message that quotes a hostile name stays one printable line and never reaches the terminal
+    raw; everything else, non-ASCII letters included, is kept as is."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def print_error(console: Console, message: str) -> None:
-    console.print(Text("error: ", style="bold red") + Text(message))
+    """The CLI's one error line. Escaped here, at the boundary: messages quote names from the input (tensor names,
+    file names, keys), and a name may hold terminal escapes, newlines or surrogates no encoder accepts."""
+    console.print(Text("error: ", style="bold red") + Text(escape_controls(message)), soft_wrap=True)
 
 
 _VERIFY_STATUS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "skip": ("skip", "dim")}
@@ -247,7 +269,7 @@ def verify_report(report: Report) -> Group:
             Text(label, style=style),
             f"{s.seconds:.1f}",
             ", ".join(shown) or "-",
-            Text(s.message, style="red" if s.status == "fail" else ""),
+            Text(escape_controls(s.message), style="red" if s.status == "fail" else ""),
         )
     counts = {st: sum(s.status == st for s in report.stages) for st in ("pass", "fail", "skip")}
     tally = f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped in {report.seconds:.1f} s"
@@ -255,4 +277,5 @@ def verify_report(report: Report) -> Group:
         verdict = Text.assemble(("PASSED", "bold green"), f": {tally}")
     else:
         verdict = Text.assemble(("FAILED", "bold red"), f" ({', '.join(report.failed)}): {tally}")
-    return Group(Text(f"mmsurgery verify {report.inputs.get('plain')}", style="bold"), table, verdict)
+    head = Text(escape_controls(f"mmsurgery verify {report.inputs.get('plain')}"), style="bold")
+    return Group(head, table, verdict)

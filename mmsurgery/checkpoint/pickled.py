@@ -194,41 +194,124 @@ def _storage_bytes(data: bytes) -> dict[str, int]:
 
 
 def _unsafe_globals(path: Path, message: str) -> list[str]:
-    """Name the globals that made `weights_only` refuse the file, found without executing anything."""
-    import torch
-
+    """Name the globals that made `weights_only` refuse the file, found by reading its opcodes: nothing is imported
+    or executed. Falls back to the global torch's own message names when the file cannot be scanned."""
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        found = [g for g in _scan_globals(path) if not g.startswith(_TRUSTED_MODULES)]
-    safe = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-    found = [g for g in found if g not in safe]
+        found = _scan_globals(path)
+    except Exception:  # a zip directory zipfile cannot read: torch's message is all there is
+        found = []
+    allowed = _allowed_globals()
+    found = [g for g in found if g not in allowed]
     return sorted(set(found)) or re.findall(r"GLOBAL ([\w.]+)", message)
 
 
-_TRUSTED_MODULES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+def _allowed_globals() -> set[str]:
+    """What `torch.load(weights_only=True)` imports without asking (its allow-list) plus `SAFE_GLOBALS`."""
+    safe = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    try:
+        from torch import _weights_only_unpickler
+
+        return safe | set(_weights_only_unpickler._get_allowed_globals())
+    except Exception:  # a torch without the private helper: name every global but the obviously harmless
+        return safe | {
+            "collections.OrderedDict",
+            "builtins.set",
+            "builtins.frozenset",
+            "torch._utils._rebuild_tensor_v2",
+        }
+
+
+MAX_PICKLES = 5  # legacy torch.save: magic number, protocol, sys info, the object, storage keys; then raw bytes
 
 
 def _scan_globals(path: Path) -> list[str]:
-    """Every global a pickle stream (or a sequence of them, as legacy torch.save writes) would import."""
-    found: list[str] = []
+    """Every global a checkpoint's pickle would import: `<archive>/data.pkl` of a torch zip, else the file as a
+    sequence of pickles (legacy torch.save writes five, then raw storage bytes)."""
+    if _is_zip(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            archive = names[0].split("/", 1)[0] if names else ""  # the record torch.load itself reads
+            with z.open(f"{archive}/data.pkl") as f:
+                return _globals_in_stream(f, 1)
     with path.open("rb") as raw:
-        f = _Clamped(raw)
-        while True:
-            strings: list[str] = []
-            try:
-                for op, arg, _ in pickletools.genops(f):
-                    if op.name == "GLOBAL":
-                        found.append(str(arg).replace(" ", "."))
-                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(f"{strings[-2]}.{strings[-1]}")
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-            except Exception:
-                break
-            if f.at_end():
-                break
+        return _globals_in_stream(_Clamped(raw), MAX_PICKLES)
+
+
+_OPAQUE = object()  # any stack value that is not a string
+_MARK = object()
+_STRING_OPS = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
+
+
+def _globals_in_stream(f: Any, max_pickles: int) -> list[str]:
+    """Globals named by up to `max_pickles` consecutive pickles in `f`, by simulating the unpickler's stack and memo
+    with strings as the only values (pickletools decodes the opcodes; nothing is built).
+
+    GLOBAL and INST carry `module name` inline; STACK_GLOBAL takes the two strings on the stack, which may come from
+    the memo (MEMOIZE/PUT store the top, GET fetches), so the memo is tracked: a scan that took the last two
+    strings in the stream named the wrong global. A name computed at load time is reported as such.
+    """
+    found: list[str] = []
+    for _ in range(max_pickles):
+        stack: list[Any] = []
+        marks: list[int] = []
+        memo: dict[int, Any] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(f):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    module, _, qual = str(arg).partition(" ")
+                    found.append(f"{module}.{qual}")
+                elif name == "STACK_GLOBAL":
+                    qual = stack.pop() if stack else _OPAQUE
+                    module = stack.pop() if stack else _OPAQUE
+                    if isinstance(module, str) and isinstance(qual, str):
+                        found.append(f"{module}.{qual}")
+                    else:
+                        found.append("(a global whose name is computed while unpickling)")
+                    stack.append(_OPAQUE)
+                    continue
+                elif name in ("EXT1", "EXT2", "EXT4"):
+                    found.append(f"(copyreg extension code {arg})")
+                if name in _STRING_OPS:
+                    stack.append(arg if isinstance(arg, str) else _OPAQUE)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = stack[-1] if stack else _OPAQUE
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = stack[-1] if stack else _OPAQUE
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    stack.append(memo.get(int(arg), _OPAQUE))
+                elif name == "DUP":
+                    stack.append(stack[-1] if stack else _OPAQUE)
+                elif name == "MARK":
+                    marks.append(len(stack))
+                else:
+                    _generic_effect(op, stack, marks)
+        except Exception:  # the end of the pickles (raw storage bytes follow) or a damaged stream
+            break
+        if getattr(f, "at_end", lambda: False)():
+            break
     return found
+
+
+def _generic_effect(op: Any, stack: list[Any], marks: list[int]) -> None:
+    """Pop what `op` consumes (down to the last MARK where it takes a stack slice), push opaque results."""
+    before = [s.name for s in op.stack_before]
+    if "mark" in before:
+        del stack[marks.pop() if marks else 0 :]
+        below = before.index("mark")
+    else:
+        below = len(before)
+    if below:
+        del stack[-below:]
+    stack.extend([_OPAQUE] * len(op.stack_after))
 
 
 def _first_line(e: BaseException) -> str:
@@ -239,4 +322,10 @@ def _first_line(e: BaseException) -> str:
     if found:
         text, kind = found.group(1), "weights_only"
     lines = text.strip().splitlines()
-    return f"{kind}: {lines[0][:200]}" if lines else kind
+    line = lines[0][:200] if lines else ""
+    if _RETRY_ADVICE.search(line):  # never pass on the advice to unpickle unsafely
+        line = "refused by torch.load(weights_only=True)"
+    return f"{kind}: {line}" if line else kind
+
+
+_RETRY_ADVICE = re.compile(r"weights_only\W*(=|set to|to)\W*False|weights_only=False", re.IGNORECASE)

@@ -1,13 +1,17 @@
 """`open_checkpoint`: one lazy view over every checkpoint format mmsurgery reads.
 
 A `Checkpoint` knows every tensor's name, dtype and shape up front and reads a tensor only when asked. For
-safetensors (single or sharded) that means the header only; torch is imported on the first `get`.
+safetensors (single or sharded) that means the header only; torch is imported on the first `get`. Each
+safetensors file is held open from `open_checkpoint` to `close`, so a Checkpoint reads the file it described even
+if the path is replaced meanwhile (see `_Pins`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -15,7 +19,7 @@ from typing import Any, TypeVar
 
 from mmsurgery.checkpoint.dtypes import FLOATING, torch_dtype_name
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
-from mmsurgery.checkpoint.safetensors_header import decode_floats, read_header
+from mmsurgery.checkpoint.safetensors_header import SafetensorsHeader, decode_floats, read_header
 from mmsurgery.errors import BadInputError
 
 T = TypeVar("T")
@@ -104,7 +108,9 @@ class Checkpoint:
 
     @property
     def file_size(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        """Bytes of the files as they were opened (a file replaced since is not the one described)."""
+        sizes = [self._loader.pinned_size(f) for f in self.files]
+        return sum(f.stat().st_size if n is None else n for f, n in zip(self.files, sizes, strict=True))
 
     @property
     def num_params(self) -> int:
@@ -128,6 +134,10 @@ class _Loader:
     def read_floats(self, name: str) -> list[float]:
         return [float(v) for v in self.get(name).double().reshape(-1).tolist()]  # exact for every float dtype
 
+    def pinned_size(self, file: Path) -> int | None:
+        """The size of `file` when it was opened, where the loader holds it open; None otherwise."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -137,25 +147,19 @@ class _SafetensorsLoader(_Loader):
 
     Not memory-mapped on purpose: a streamed command's resident memory stays near the tensors it holds (mapped
     pages would count in RSS), and returned tensors are ordinary writable tensors (no copy-on-write traps).
-    `source` maps a normalised name to (file, raw name).
+    `source` maps a normalised name to (file, raw name); `pins` holds the descriptor each header was read through.
     """
 
-    def __init__(self, source: dict[str, tuple[Path, str]], headers: dict[Path, Any]) -> None:
+    def __init__(self, source: dict[str, tuple[Path, str]], headers: dict[Path, Any], pins: _Pins) -> None:
         self._source = source
         self._headers = headers
-        self._fds: dict[Path, int] = {}
+        self._pins = pins
 
     def _read(self, name: str) -> tuple[Any, Any, Path]:
         """(the file's header, the tensor's header entry, the file)."""
         file, raw = self._source[name]
         header = self._headers[file]
         return header, header.entries[raw], file
-
-    def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
-        return fd
 
     def get(self, name: str) -> Any:
         import torch
@@ -164,31 +168,127 @@ class _SafetensorsLoader(_Loader):
         n = entry.end - entry.begin
         buf = torch.empty(n, dtype=torch.uint8)
         if n:
-            _pread_into(self._fd(file), memoryview(buf.numpy()), header.data_start + entry.begin, file)
+            pin = self._pins.check(file)
+            _pread_into(pin.fd, memoryview(buf.numpy()), header.data_start + entry.begin, file)
+            self._pins.check(file)  # a write during the read changed the mtime: these bytes may be torn
         return buf.view(getattr(torch, entry.dtype)).reshape(entry.shape)
 
     def read_floats(self, name: str) -> list[float]:
         header, entry, file = self._read(name)
-        raw = os.pread(self._fd(file), entry.end - entry.begin, header.data_start + entry.begin)
+        pin = self._pins.check(file)
+        raw = os.pread(pin.fd, entry.end - entry.begin, header.data_start + entry.begin)
+        self._pins.check(file)
         if len(raw) != entry.end - entry.begin:
-            raise BadInputError(f"{file}: truncated while reading (the file changed after its header was read?)")
+            raise BadInputError(f"{file}: changed while being read (truncated after its header was read)")
         try:
             return decode_floats(raw, entry.dtype)
         except BadInputError as e:
             raise BadInputError(f"{file}: tensor {name!r}: {e}") from None
 
+    def pinned_size(self, file: Path) -> int | None:
+        return self._pins.size(file)
+
     def close(self) -> None:
-        for fd in self._fds.values():
+        self._pins.close()
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """An open file and what `fstat` said of it when its header was read."""
+
+    fd: int
+    size: int
+    mtime_ns: int
+
+
+class _Pins:
+    """The descriptors a safetensors checkpoint reads through, one per file, opened when the checkpoint is.
+
+    A Checkpoint must read the file it described: `fold --force` or a training job may replace the file (a new
+    inode, by rename) while a long command streams it, and a later `open()` by path would read the new file's
+    bytes at the old header's offsets. Through the pinned descriptor a replaced file is never seen; a file
+    rewritten or truncated in place (same inode) is caught by its size or mtime differing from what `fstat` said
+    at open, checked before and after every read, and refused as "changed while being read".
+    """
+
+    def __init__(self) -> None:
+        self._pins: dict[Path, _Pin] = {}
+
+    def open(self, path: Path) -> SafetensorsHeader:
+        """Open `path`, read and validate its header, and keep the descriptor; the header is the descriptor's."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+        except OSError as e:
+            raise _os_error(path, e) from None
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise BadInputError(f"{path}: not a regular file")
+            header = read_header(path)  # by path: the checks below prove it read the descriptor's file
+            after, now = os.fstat(fd), os.stat(path)
+            if (
+                (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
+                or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+                or header.file_size != before.st_size
+            ):
+                raise BadInputError(f"{path}: changed while being read (replaced or rewritten as it was opened)")
+        except OSError as e:
             os.close(fd)
-        self._fds.clear()
+            raise _os_error(path, e) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._pins[path] = _Pin(fd, before.st_size, before.st_mtime_ns)
+        return header
+
+    def check(self, path: Path) -> _Pin:
+        """The pin of `path`, after proving the file still has the size and mtime it had when opened."""
+        pin = self._pins.get(path)
+        if pin is None:
+            raise ValueError(f"{path}: read after the checkpoint was closed")
+        st = os.fstat(pin.fd)
+        if st.st_size != pin.size or st.st_mtime_ns != pin.mtime_ns:
+            how = f"now {st.st_size} bytes, was {pin.size}" if st.st_size != pin.size else "rewritten in place"
+            raise BadInputError(
+                f"{path}: changed while being read ({how}); read it again once whatever writes it has finished"
+            )
+        return pin
+
+    def size(self, path: Path) -> int | None:
+        pin = self._pins.get(path)
+        return None if pin is None else pin.size
+
+    def close(self) -> None:
+        pins, self._pins = self._pins, {}
+        for pin in pins.values():
+            os.close(pin.fd)
+
+
+def _os_error(path: Path, e: OSError) -> BadInputError:
+    """An operating-system refusal as one line naming the file: ENAMETOOLONG reads as "no such file" (no file can
+    have that name), too many shards for the descriptor limit names the fix."""
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
+        why = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or "not found")
+        return BadInputError(f"{_brief_path(path)}: no such file or folder ({why})")
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return BadInputError(
+            f"{_brief_path(path)}: cannot open (too many open files: one descriptor per shard is kept open; "
+            "raise the limit, e.g. `ulimit -n 4096`)"
+        )
+    return BadInputError(f"{_brief_path(path)}: cannot read ({e.strerror or type(e).__name__})")
+
+
+def _brief_path(path: Path, limit: int = 200) -> str:
+    text = str(path)
+    return text if len(text) <= limit else text[: limit - 20] + f"...({len(text)} chars)"
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise BadInputError(f"{file}: truncated while reading (the file changed after its header was read?)")
+        if got == 0:  # the header was checked against the size at open: the file shrank since
+            raise BadInputError(f"{file}: changed while being read (truncated after its header was read)")
         done += got
 
 
@@ -209,8 +309,15 @@ def open_checkpoint(path: str | os.PathLike[str], key: str | None = None) -> Che
 
     `key` picks the wrapper entry of a pickle (`/` for nesting). Raises `BadInputError` on anything unreadable.
     """
-    ck = _open(Path(path), key)
+    p = Path(path)
+    if "\x00" in str(p):  # os functions raise ValueError on it: no file can have that name
+        raise BadInputError(f"{_brief(str(p))}: no such file or folder (a NUL character in the name)")
+    try:
+        ck = _open(p, key)
+    except OSError as e:  # a name too long to exist, a folder or file that may not be read
+        raise _os_error(Path(e.filename) if isinstance(e.filename, str) else p, e) from None
     if not len(ck):
+        ck.close()
         raise BadInputError(f"{ck.path}: an empty state dict (no tensors)")
     return ck
 
@@ -251,12 +358,18 @@ def _looks_like_pickle(p: Path) -> bool:
 
 
 def _open_safetensors(p: Path) -> Checkpoint:
-    header = read_header(p)
-    names = list(header.entries)
-    stripped = _naming(p, strip_prefixes, {n: n for n in names})
-    infos = {short: _info(short, header.entries[raw]) for short, raw in stripped.items()}
-    source = {short: (p, raw) for short, raw in stripped.items()}
-    return Checkpoint(p, "safetensors", [p], infos, header.metadata, _SafetensorsLoader(source, {p: header}))
+    pins = _Pins()
+    try:
+        header = pins.open(p)
+        names = list(header.entries)
+        stripped = _naming(p, strip_prefixes, {n: n for n in names})
+        infos = {short: _info(short, header.entries[raw]) for short, raw in stripped.items()}
+        source = {short: (p, raw) for short, raw in stripped.items()}
+        loader = _SafetensorsLoader(source, {p: header}, pins)
+    except BaseException:
+        pins.close()
+        raise
+    return Checkpoint(p, "safetensors", [p], infos, header.metadata, loader)
 
 
 def _info(name: str, entry: Any) -> TensorInfo:
@@ -278,16 +391,22 @@ def _open_sharded(index: Path, key: str | None) -> Checkpoint:
             merged.update(tensors)
         _check_shards(index, weight_map, contents)
         return _from_tensors(index, "torch-pickle-sharded", files, merged, (), (), {})
-    headers = {f: read_header(f) for f in files}
-    _check_shards(index, weight_map, {f: list(h.entries) for f, h in headers.items()})
-    metadata: dict[str, str] = {}
-    for header in headers.values():
-        metadata.update(header.metadata)
-    source = {raw: (f, raw) for f, header in headers.items() for raw in header.entries}  # file order
-    stripped = _naming(index, strip_prefixes, {n: n for n in source})
-    infos = {short: _info(short, headers[source[raw][0]].entries[raw]) for short, raw in stripped.items()}
-    source = {short: source[raw] for short, raw in stripped.items()}
-    return Checkpoint(index, "safetensors-sharded", files, infos, metadata, _SafetensorsLoader(source, headers))
+    pins = _Pins()  # one descriptor per shard, held until close
+    try:
+        headers = {f: pins.open(f) for f in files}
+        _check_shards(index, weight_map, {f: list(h.entries) for f, h in headers.items()})
+        metadata: dict[str, str] = {}
+        for header in headers.values():
+            metadata.update(header.metadata)
+        source = {raw: (f, raw) for f, header in headers.items() for raw in header.entries}  # file order
+        stripped = _naming(index, strip_prefixes, {n: n for n in source})
+        infos = {short: _info(short, headers[source[raw][0]].entries[raw]) for short, raw in stripped.items()}
+        source = {short: source[raw] for short, raw in stripped.items()}
+        loader = _SafetensorsLoader(source, headers, pins)
+    except BaseException:
+        pins.close()
+        raise
+    return Checkpoint(index, "safetensors-sharded", files, infos, metadata, loader)
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:

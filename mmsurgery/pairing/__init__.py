@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -10,6 +11,7 @@ from typing import Any
 
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import open_checkpoint
+from mmsurgery.errors import BadInputError
 from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_map
 from mmsurgery.pairing.paired import PairedWrite, default_output, write_paired
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
@@ -57,7 +59,10 @@ def pair(
     dry_run: bool = False,
 ) -> PairResult:
     """Align `target` with `aux` and (unless `dry_run`) write the paired checkpoint to `out`
-    (default: `<target stem>.paired.safetensors` beside the target)."""
+    (default: `<target stem>.paired.safetensors` beside the target). `init_scale` must be finite: a paired file
+    whose λ is NaN or infinite could never be folded."""
+    if not math.isfinite(init_scale):
+        raise BadInputError(f"--init-scale {init_scale}: λ must start at a finite number (the paper's is 0)")
     with open_checkpoint(target, key=target_key) as t, open_checkpoint(aux, key=aux_key) as a:
         options: dict[str, Any] = dict(
             roles=roles, depth=depth, map_file=map_file, target_stack=target_stack, aux_stack=aux_stack, strict=strict

@@ -143,9 +143,18 @@ def error_line(exc: BaseException) -> str:
 
 
 def check_output_path(path: str | os.PathLike[str]) -> None:
-    """Refuse a report path before the (long) run rather than after it: its folder must exist and not be it."""
+    """Refuse a report path before the (long) run rather than after it: its folder must exist, be a folder and be
+    writable, and the path must not itself be a folder."""
     dest = Path(path)
-    if dest.is_dir():
-        raise BadInputError(f"{dest}: is a folder; give a file name for the report")
-    if not dest.parent.is_dir():
-        raise BadInputError(f"{dest}: folder {dest.parent} does not exist")
+    folder = dest.parent
+    try:
+        if dest.is_dir():
+            raise BadInputError(f"{dest}: is a folder; give a file name for the report")
+        if folder.exists() and not folder.is_dir():
+            raise BadInputError(f"{dest}: {folder} is a file, not a folder")
+        if not folder.is_dir():
+            raise BadInputError(f"{dest}: folder {folder} does not exist")
+    except OSError as e:  # a name too long, a loop of links
+        raise BadInputError(f"{dest}: not a usable report path ({e.strerror or type(e).__name__})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"{dest}: folder {folder} is not writable")
