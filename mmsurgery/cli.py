@@ -87,8 +87,13 @@ def inspect(
 def pair(
     target: Annotated[Path, typer.Argument(help="The model to improve (e.g. a ViT checkpoint).")],
     aux: Annotated[Path, typer.Argument(help="The auxiliary model of another modality.")],
-    out: Annotated[
-        Path | None, typer.Option("-o", "--out", help="Paired output (default: <target stem>.paired.safetensors).")
+    out: Annotated[  # a str, not a Path: a trailing "/" (write into this folder) must survive
+        str | None,
+        typer.Option(
+            "-o",
+            "--out",
+            help="Paired output: a .safetensors file or a folder (default: <target stem>.paired.safetensors).",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan and the summary counts as JSON.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report; write nothing.")] = False,
@@ -141,8 +146,13 @@ def pair(
 @app.command()
 def fold(
     paired: Annotated[Path, typer.Argument(help="A (trained) paired checkpoint: safetensors, sharded, or .pt.")],
-    out: Annotated[
-        Path | None, typer.Option("-o", "--out", help="Plain output (default: <stem>.plain.safetensors beside it).")
+    out: Annotated[  # a str, not a Path: a trailing "/" (write into this folder) must survive
+        str | None,
+        typer.Option(
+            "-o",
+            "--out",
+            help="Plain output: a .safetensors file or a folder (default: <stem>.plain.safetensors beside it).",
+        ),
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, bfloat16 or float16.")] = "keep",
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,

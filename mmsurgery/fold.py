@@ -139,7 +139,7 @@ def fold_file(
     if dtype not in DTYPES:
         raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     with open_checkpoint(paired, key=key) as ck:
-        hashing = HashJob(ck.files)  # on the other core, while the tensors stream
+        hashing = HashJob(ck.files, opener=ck.open_pinned)  # on the other core, while the tensors stream
         source = plain_tensors(ck, dtype)
         if not source.layers:
             return FoldResult(ck.path, None, {}, len(ck), hashing.result(), None)

@@ -51,6 +51,26 @@ def test_a_file_replaced_by_rename_is_never_read(tmp_path: Path) -> None:
         assert ck.read_floats("scale") == [float(old["scale"])]
 
 
+def test_the_provenance_hash_is_of_the_file_that_was_read(tmp_path: Path) -> None:
+    """fold and pair hash their inputs on a thread while streaming: through the pinned descriptor, so the
+    sha256 in the output's metadata is of the bytes that were folded, even if the path was replaced meanwhile."""
+    import hashlib
+
+    from mmsurgery.checkpoint.hashing import sha256_of
+
+    path = tmp_path / "m.safetensors"
+    save_file(tensors(0), path)
+    old_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with open_checkpoint(path) as ck:
+        replace_by_rename(path, tensors(1))
+        assert sha256_of(ck.files) != old_digest  # by path: the replacement
+        assert sha256_of(ck.files, ck.open_pinned) == old_digest
+    before = open_fds()
+    with open_checkpoint(path) as ck:
+        sha256_of(ck.files, ck.open_pinned)
+    assert open_fds() == before  # the duplicated descriptor is closed
+
+
 def test_a_replaced_shard_is_never_read(tmp_path: Path) -> None:
     old = tensors(0)
     save_file({"a": old["a"]}, tmp_path / "s1.safetensors")

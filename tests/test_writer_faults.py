@@ -262,8 +262,24 @@ def test_unwritable_output_through_the_cli_is_one_line_exit_2(inputs, tmp_path, 
 
 
 def test_output_path_must_say_file_or_folder(tmp_path) -> None:
-    with pytest.raises(BadInputError, match=r"out\.st: .*write out\.st\.safetensors for a file, or create the folder"):
+    with pytest.raises(
+        BadInputError, match=r"out\.st: .*write out\.st\.safetensors for a file, or out\.st/ for a new folder"
+    ):
         write_safetensors(tmp_path / "out.st", tensors(1.0))
     assert list(tmp_path.iterdir()) == []  # no folder silently created
     res = write_safetensors(f"{tmp_path / 'out.st'}/", tensors(1.0))  # a trailing `/` says folder
     assert res.path == tmp_path / "out.st" / "model.safetensors"
+
+
+def test_cli_output_ending_in_a_slash_is_a_new_folder(tmp_path, cli) -> None:
+    """`-o new.d/` from the command line: typer must not turn it into a Path (which drops the "/")."""
+    from test_verify_weights import _builtin
+
+    from mmsurgery.pairing import pair
+
+    _builtin(tmp_path)
+    paired = pair(tmp_path / "target.safetensors", tmp_path / "aux.safetensors", tmp_path / "p.safetensors").output
+    r = cli("fold", paired, "-o", f"{tmp_path / 'new.d'}/")
+    assert r.code == 0, r.err
+    assert (tmp_path / "new.d" / "model.safetensors").is_file()
+    assert cli("fold", paired, "-o", tmp_path / "new.st").code == 2

@@ -7,21 +7,32 @@ thread streams tensors costs almost no wall time; the writer patches the digest 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+Opener = Callable[[Path], "int | None"]  # a descriptor on the file to hash (closed after), or None: open by path
 
 PLACEHOLDER_CHARS = "xyzw"  # not hex digits: a placeholder can never be mistaken for (or collide with) a digest
 
 
-def sha256_of(files: Sequence[Path]) -> str:
-    """sha256 of one file, or of `name sha256` lines (sorted by name) for a sharded set."""
+def sha256_of(files: Sequence[Path], opener: Opener | None = None) -> str:
+    """sha256 of one file, or of `name sha256` lines (sorted by name) for a sharded set. `opener` (e.g.
+    `Checkpoint.open_pinned`) gives the descriptor to hash through, so the digest is of the file that was read."""
     digests = []
     for f in files:
         h = hashlib.sha256()
-        with open(f, "rb", buffering=0) as fh:
-            while chunk := fh.read(1 << 23):
+        fd = opener(Path(f)) if opener is not None else None
+        if fd is None:
+            fd = os.open(f, os.O_RDONLY)
+        try:
+            offset = 0
+            while chunk := os.pread(fd, 1 << 23, offset):
                 h.update(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
         digests.append((Path(f).name, h.hexdigest()))
     if len(digests) == 1:
         return digests[0][1]
@@ -31,16 +42,17 @@ def sha256_of(files: Sequence[Path]) -> str:
 class HashJob:
     """`sha256_of(files)` running in a daemon thread; `placeholder` is a same-length stand-in for the digest."""
 
-    def __init__(self, files: Sequence[Path], slot: int = 0) -> None:
+    def __init__(self, files: Sequence[Path], slot: int = 0, opener: Opener | None = None) -> None:
         self.placeholder = PLACEHOLDER_CHARS[slot % len(PLACEHOLDER_CHARS)] * 64
         self._result: str | None = None
         self._error: BaseException | None = None
+        self._opener = opener
         self._thread = threading.Thread(target=self._run, args=(list(files),), daemon=True)
         self._thread.start()
 
     def _run(self, files: list[Path]) -> None:
         try:
-            self._result = sha256_of(files)
+            self._result = sha256_of(files, self._opener)
         except BaseException as e:  # re-raised in the caller's thread by result()
             self._error = e
 

@@ -117,6 +117,12 @@ class Checkpoint:
         """Elements of floating-point tensors (integer buffers such as `position_ids` are not parameters)."""
         return sum(i.numel for i in self.infos.values() if i.dtype in FLOATING)
 
+    def open_pinned(self, file: Path) -> int | None:
+        """A new descriptor (the caller closes it) on the very file this checkpoint read `file` from, so that
+        hashing it for provenance reads the same bytes even if the path was replaced since; None for formats
+        that were read whole at open (pickles), which the caller then opens by path."""
+        return self._loader.open_pinned(file)
+
     def close(self) -> None:
         self._loader.close()
 
@@ -136,6 +142,10 @@ class _Loader:
 
     def pinned_size(self, file: Path) -> int | None:
         """The size of `file` when it was opened, where the loader holds it open; None otherwise."""
+        return None
+
+    def open_pinned(self, file: Path) -> int | None:
+        """A new descriptor on the very file the loader holds open (the caller closes it); None otherwise."""
         return None
 
     def close(self) -> None:
@@ -187,6 +197,9 @@ class _SafetensorsLoader(_Loader):
 
     def pinned_size(self, file: Path) -> int | None:
         return self._pins.size(file)
+
+    def open_pinned(self, file: Path) -> int | None:
+        return self._pins.dup(file)
 
     def close(self) -> None:
         self._pins.close()
@@ -257,6 +270,10 @@ class _Pins:
     def size(self, path: Path) -> int | None:
         pin = self._pins.get(path)
         return None if pin is None else pin.size
+
+    def dup(self, path: Path) -> int | None:
+        pin = self._pins.get(path)
+        return None if pin is None else os.dup(pin.fd)
 
     def close(self) -> None:
         pins, self._pins = self._pins, {}

@@ -84,7 +84,7 @@ def _resolve_output(path: str | os.PathLike[str]) -> tuple[Path, str, bool]:
     if p.suffix:
         raise BadInputError(
             f"{p}: an output must be a .safetensors file name or a folder; write {p.name}.safetensors for a file, "
-            f"or create the folder first (a library caller may also end the path in /)"
+            f"or {p.name}/ for a new folder"
         )
     return p, "model", True
 

@@ -69,7 +69,10 @@ def pair(
         )
         if dry_run:
             return PairResult(align(t, a, **options), None, None)
-        jobs = HashJob(t.files, 0), HashJob(a.files, 1)  # hashed on the other core while tensors stream
+        jobs = (
+            HashJob(t.files, 0, t.open_pinned),
+            HashJob(a.files, 1, a.open_pinned),
+        )  # hashed on the other core while tensors stream
         plan = align(t, a, digests=(jobs[0].placeholder, jobs[1].placeholder), **options)
         dest = Path(out) if out is not None else default_output(t.path)
         digests = {job.placeholder: job for job in jobs}

@@ -125,7 +125,7 @@ def align(
     [q, k, v] | null}}) overrides the depth policy and individual pairings.
     """
     if digests is None:
-        jobs = HashJob(target.files, 0), HashJob(aux.files, 1)
+        jobs = HashJob(target.files, 0, target.open_pinned), HashJob(aux.files, 1, aux.open_pinned)
         digests = jobs[0].result(), jobs[1].result()
     wanted = _expand_roles(roles)
     t_stack = choose_stack(detect(target.infos), target_stack, what=f"target {target.path}")
