@@ -10,7 +10,7 @@ import errno
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -58,6 +58,11 @@ KeyOpt = Annotated[
 ]
 
 
+def _out_option(help_text: str) -> Any:
+    """`-o/--out` as a str, not a Path: a trailing "/" (write into a new folder) must survive parsing."""
+    return Annotated[str | None, typer.Option("-o", "--out", help=help_text)]
+
+
 @app.command()
 def inspect(
     path: PathArg,
@@ -87,14 +92,9 @@ def inspect(
 def pair(
     target: Annotated[Path, typer.Argument(help="The model to improve (e.g. a ViT checkpoint).")],
     aux: Annotated[Path, typer.Argument(help="The auxiliary model of another modality.")],
-    out: Annotated[  # a str, not a Path: a trailing "/" (write into this folder) must survive
-        str | None,
-        typer.Option(
-            "-o",
-            "--out",
-            help="Paired output: a .safetensors file or a folder (default: <target stem>.paired.safetensors).",
-        ),
-    ] = None,
+    out: _out_option(
+        "Paired output: a .safetensors file or a folder (default: <target stem>.paired.safetensors)."
+    ) = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan and the summary counts as JSON.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report; write nothing.")] = False,
     layers: Annotated[
@@ -146,14 +146,9 @@ def pair(
 @app.command()
 def fold(
     paired: Annotated[Path, typer.Argument(help="A (trained) paired checkpoint: safetensors, sharded, or .pt.")],
-    out: Annotated[  # a str, not a Path: a trailing "/" (write into this folder) must survive
-        str | None,
-        typer.Option(
-            "-o",
-            "--out",
-            help="Plain output: a .safetensors file or a folder (default: <stem>.plain.safetensors beside it).",
-        ),
-    ] = None,
+    out: _out_option(
+        "Plain output: a .safetensors file or a folder (default: <stem>.plain.safetensors beside it)."
+    ) = None,
     dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, bfloat16 or float16.")] = "keep",
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,
     key: KeyOpt = None,
