@@ -70,6 +70,16 @@ class Pathway(nn.Module):
         return f"aux_weight={list(self.aux_weight.shape)}, aux_trainable={self.aux_weight.requires_grad}"
 
 
+def _public_names(module: nn.Module) -> None:
+    """Make `P.aux_weight` and `P.cross_modal_scale` — the names `state_dict()` shows — resolvable as attributes
+    of the parametrized module, read-only and always live (torch's `distributed.checkpoint` state-dict APIs walk
+    each key with `getattr`). Set on the class parametrize made for this one module, so the names go away with it
+    when the pathway is folded; never registered as parameters, so nothing is counted twice."""
+    cls = type(module)
+    for name in (AUX_KEY, SCALE_KEY):
+        setattr(cls, name, property(lambda self, n=name: getattr(self.parametrizations.weight[0], n)))
+
+
 def _pathway_of(module: nn.Module) -> Pathway | None:
     if not parametrize.is_parametrized(module, "weight"):
         return None
@@ -209,6 +219,7 @@ def attach(
         pathway = Pathway(aux_copy, aux_trainable=aux_trainable, init_scale=init_scale)
         pathway._param_order = tuple(module._parameters)
         parametrize.register_parametrization(module, "weight", pathway)
+        _public_names(module)
         pathway._handles = [
             module.register_state_dict_post_hook(_state_dict_post_hook),
             module.register_load_state_dict_pre_hook(_load_pre_hook),

@@ -353,3 +353,28 @@ def test_hf_vit_split_qkv() -> None:
         fold(model)
         assert torch.equal(model(pixel_values=x).last_hidden_state, unfolded)  # exact: same weights
     assert list(model.state_dict()) == list(plain.state_dict())
+
+
+def test_distributed_checkpoint_get_model_state_dict_on_an_attached_model() -> None:
+    """torch's DCP state-dict API resolves every key with getattr: `P.aux_weight` / `P.cross_modal_scale` must be
+    attributes of the attached module (issue 12; it raised AttributeError). Full and sharded-style options give
+    exactly `model.state_dict()`; nothing is registered twice; folding removes the names with the pathway."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mmsurgery import pathway
+
+    model = tiny_vit()
+    paired = make_paired_state(model)
+    pathway.attach(model, paired)
+    model.load_state_dict({**paired, **{k: v + 0.1 for k, v in paired.items() if k.endswith("cross_modal_scale")}})
+    n_params = len(list(model.parameters()))
+    ref = model.state_dict()
+    for full in (True, False):
+        got = get_model_state_dict(model, options=StateDictOptions(full_state_dict=full))
+        assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.aux_weight is pathway.pathway_modules(model)["blocks.0.attn.qkv"].aux_weight
+    assert float(qkv.cross_modal_scale.detach()) == pytest.approx(0.1)
+    assert len(list(model.parameters())) == n_params  # aliases, not new parameters
+    pathway.fold(model)
+    assert not hasattr(model.blocks[0].attn.qkv, "aux_weight")
