@@ -105,11 +105,13 @@ def _state_dict_post_hook(module: nn.Module, state_dict: dict[str, Any], prefix:
 
 
 def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
-    """Rename public keys to parametrize's internal ones; a 0-d λ is accepted as shape [1]."""
+    """Rename public keys to parametrize's internal ones; a 0-d λ is accepted as shape [1]. Where both are
+    present the public key wins: torch's `set_model_state_dict` adds the internal names with the model's current
+    values next to the public ones it was given."""
     if _pathway_of(module) is None:
         return
     for public, internal in _PUBLIC_TO_INTERNAL.items():
-        if prefix + public in state_dict and prefix + internal not in state_dict:
+        if prefix + public in state_dict:
             value = state_dict.pop(prefix + public)
             if public == SCALE_KEY and isinstance(value, Tensor) and value.ndim == 0:
                 value = value.reshape(1)

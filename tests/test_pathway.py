@@ -358,8 +358,9 @@ def test_hf_vit_split_qkv() -> None:
 def test_distributed_checkpoint_get_model_state_dict_on_an_attached_model() -> None:
     """torch's DCP state-dict API resolves every key with getattr: `P.aux_weight` / `P.cross_modal_scale` must be
     attributes of the attached module (issue 12; it raised AttributeError). Full and sharded-style options give
-    exactly `model.state_dict()`; nothing is registered twice; folding removes the names with the pathway."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    exactly `model.state_dict()` and load it back into another attached model; nothing is registered twice;
+    folding removes the names with the pathway."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     from mmsurgery import pathway
 
@@ -376,5 +377,11 @@ def test_distributed_checkpoint_get_model_state_dict_on_an_attached_model() -> N
     assert qkv.aux_weight is pathway.pathway_modules(model)["blocks.0.attn.qkv"].aux_weight
     assert float(qkv.cross_modal_scale.detach()) == pytest.approx(0.1)
     assert len(list(model.parameters())) == n_params  # aliases, not new parameters
+    # and back: set_model_state_dict into another attached model of other values
+    for full in (True, False):
+        other = tiny_vit(seed=7)
+        pathway.attach(other, make_paired_state(other, seed=8))
+        set_model_state_dict(other, dict(ref), options=StateDictOptions(full_state_dict=full))
+        assert state_equal(other.state_dict(), ref)
     pathway.fold(model)
     assert not hasattr(model.blocks[0].attn.qkv, "aux_weight")
