@@ -4,9 +4,9 @@ Builds a ViT-S pair (embed 384, depth 12, heads 6; target and aux `VisionTransfo
 and 1, paired, λ ~ N(0, 0.3²) and every tensor moved a little, as training leaves it) and folds it. Then runs the
 console command in fresh processes, interleaved with a baseline in the same run: the imports every gate pays
 (`python -c "import torch, onnx, onnxruntime, mmsurgery.verify"`). `--before DIR` adds the same command run
-from another checkout of mmsurgery (e.g. `git worktree add /tmp/before <commit>`), put first on PYTHONPATH.
+from another checkout of mmsurgery (e.g. `git worktree add ../mmsurgery-before <commit>`), put first on PYTHONPATH.
 
-    .venv/bin/python benchmarks/verify.py [--repeats 3] [--before /tmp/before]
+    .venv/bin/python benchmarks/verify.py [--repeats 3] [--before ../mmsurgery-before]
 """
 
 from __future__ import annotations
