@@ -237,13 +237,9 @@ class _Pins:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 raise BadInputError(f"{path}: not a regular file")
-            header = read_header(path)  # by path: the checks below prove it read the descriptor's file
-            after, now = os.fstat(fd), os.stat(path)
-            if (
-                (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino)
-                or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
-                or header.file_size != before.st_size
-            ):
+            header = read_header(path, fd)
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 raise BadInputError(f"{path}: changed while being read (replaced or rewritten as it was opened)")
         except OSError as e:
             os.close(fd)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -41,23 +42,30 @@ class SafetensorsHeader:
     file_size: int
 
 
-def read_header(path: Path) -> SafetensorsHeader:
+def read_header(path: Path, fd: int | None = None) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file; raise `BadInputError` on anything malformed.
+
+    With `fd` (an open descriptor on `path`) the header is read through it, so it is the header of that very file
+    even if `path` has been replaced since; `path` then only names the file in messages.
 
     The rules are the format's own (what the `safetensors` library accepts): a JSON object whose entries each have
     a dtype string, a shape list of non-negative integers and `data_offsets` [begin, end], tiling the data section
     exactly; `__metadata__` maps strings to strings. Nothing is coerced: `"2"`, `2.0` or `true` is not an integer.
     Every size is checked against the file before anything is allocated.
     """
-    file_size = path.stat().st_size
+    if fd is None:
+        with path.open("rb") as f:
+            return read_header(path, f.fileno())
+    file_size = os.fstat(fd).st_size
     where = f"{path}: not a valid safetensors file"
     if file_size < 8:
         raise BadInputError(f"{where} (only {file_size} bytes)")
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > file_size:
-            raise BadInputError(f"{where} (header length {n} does not fit a {file_size}-byte file)")
-        raw = f.read(n)
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise BadInputError(f"{where} (header length {n} does not fit a {file_size}-byte file)")
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise BadInputError(f"{where} (truncated while its header was read)")
     header = _parse_json(raw, where)
     if not isinstance(header, dict):
         raise BadInputError(f"{where} (header is {_kind(header)}, not a JSON object)")
