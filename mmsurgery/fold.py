@@ -86,10 +86,6 @@ class PlainTensors:
         cast = self.dtype != "keep" and info.dtype in FLOATING
         return TensorInfo(info.name, self.dtype if cast else info.dtype, info.shape)
 
-    def is_folded(self, name: str) -> bool:
-        """Whether `name` is a pathway weight (`W + λ·W_aux`) rather than a tensor copied as it is."""
-        return name in self._folded
-
     def tensor(self, name: str) -> Any:
         """The output tensor `name`: `fold_weight(W, λ, W_aux)` for a pathway weight, the input tensor for every
         other one; cast to the output dtype. Raises `FoldError` for a non-finite fold or an overflowing cast."""
@@ -108,12 +104,16 @@ class PlainTensors:
         return t
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
 def plain_tensors(ck: Checkpoint, dtype: str = "keep") -> PlainTensors:
     """The fold of the paired checkpoint `ck` (see `PlainTensors`); no pathway layers means a plain input, whose
     tensors pass through. Raises `FoldError` for an inconsistent paired file or a non-finite λ, and
     `BadInputError` for an unknown `dtype`."""
-    if dtype not in DTYPES:
-        raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     layers = pathway_layers(ck)
     scales = read_scales(ck, layers) if layers else {}
     bad = [p for p, v in scales.items() if not math.isfinite(v)]
@@ -136,8 +136,7 @@ def fold_file(
     A checkpoint without pathway tensors is reported as already plain and nothing is written. A non-finite λ or
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
     """
-    if dtype not in DTYPES:
-        raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     with open_checkpoint(paired, key=key) as ck:
         hashing = HashJob(ck.files, opener=ck.open_pinned)  # on the other core, while the tensors stream
         source = plain_tensors(ck, dtype)

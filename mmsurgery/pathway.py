@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mmsurgery.errors import AttachError, FoldError
 from mmsurgery.foldmath import effective_weight, fold_weight
+from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX
 
 __all__ = [
     "AUX_KEY",
@@ -37,8 +38,8 @@ __all__ = [
     "split_paired",
 ]
 
-AUX_KEY = "aux_weight"
-SCALE_KEY = "cross_modal_scale"
+AUX_KEY = AUX_SUFFIX  # the paired format's names (mmsurgery.paired_format), which state_dict() shows
+SCALE_KEY = SCALE_SUFFIX
 _PUBLIC_TO_INTERNAL = {
     "weight": "parametrizations.weight.original",
     AUX_KEY: f"parametrizations.weight.0.{AUX_KEY}",

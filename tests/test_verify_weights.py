@@ -242,6 +242,10 @@ def test_weights_stage_alone_from_python(arch) -> None:
     with open_checkpoint(arch.plain) as plain, open_checkpoint(arch.trained) as paired:
         result = check_weights(plain, paired)
     assert result.name == "weights" and result.status == "pass"
+    assert result.numbers["identical_tensors"] == result.numbers["expected_tensors"] > 0
+    with open_checkpoint(arch.fold_negated) as plain, open_checkpoint(arch.trained) as paired:
+        wrong = check_weights(plain, paired)
+    assert wrong.status == "fail" and wrong.numbers["differing_tensors"] == len(arch.layers)
 
 
 def test_bfloat16_fold_is_proven_against_fold_dtype_bfloat16(tmp_path) -> None:

@@ -2,9 +2,10 @@
 
 An element passes when `|actual - expected| <= atol + rtol * |expected|` (torch.allclose / numpy semantics;
 the relative part is taken against the expected side); `rtol_admitted` counts the elements above atol that
-passed only through the relative part, so a message can say which part of the rule let a difference through. NaN or inf on one side only is a mismatch. A failing
-comparison reports the max abs and max rel error, the index of the worst element, and the tolerance that would
-have passed: the max abs error as atol with rtol 0, and the smallest rtol for the given atol.
+passed only through the relative part, so a message can say which part of the rule let a difference through.
+NaN or inf on one side only is a mismatch. A failing comparison reports the max abs and max rel error, the index
+of the worst element, and the tolerance that would have passed: the max abs error as atol with rtol 0, and the
+smallest rtol for the given atol.
 """
 
 from __future__ import annotations

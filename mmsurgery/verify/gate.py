@@ -1,7 +1,7 @@
 """`verify`: the deployment gate over a plain (folded) checkpoint. Stages run in order; each returns a result.
 
-weights (with `against`) → keys → fold (with `against`) → onnx (with `onnx`) → cost → latency (needs a graph). Bad input or usage raises
-`BadInputError` before any expensive work; a stage that runs and finds a problem (including an exporter or ONNX
+weights (with `against`) → keys → fold (with `against`) → onnx (with `onnx`) → cost → latency (needs a graph).
+Bad input or usage raises `BadInputError` before any expensive work; a stage that runs and finds a problem (including an exporter or ONNX
 Runtime error) is a failed stage in the report, never an exception.
 """
 
@@ -228,18 +228,18 @@ def _stage_cost(
     graph_skip = run.graph_skip if onnx_asked else "no --onnx given"
     note = run.arch.reference_note
     if run.graph is not None:
+        summary = onnx_stage.summarize_graph(run.graph)
         if run.graph_exported and run.arch.same_graph(run.plain, run.reference):
             # Exporting the reference would trace the same code with the same config and weights again (~half
             # of a ViT-S gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
             run.reference_graph = run.graph
             note += "; reference graph: PLAIN's own export (same model class and configuration)"
+            graphs = (summary, summary)
         else:
             run.reference_graph = onnx_stage.export(
                 run.reference, run.inputs[max(run.batch_sizes)], tmp / "reference.onnx", opset=opset
             )
-        summary = onnx_stage.summarize_graph(run.graph)
-        same = run.reference_graph == run.graph
-        graphs = (summary, summary if same else onnx_stage.summarize_graph(run.reference_graph))
+            graphs = (summary, onnx_stage.summarize_graph(run.reference_graph))
     return cost.cost_result(
         params=params,
         flops=flops,
@@ -303,8 +303,8 @@ def verify(
 
     `against`: the trained paired checkpoint it was folded from (enables the weights stage, which proves PLAIN
     bit-identical to its fold, or within `weights_ulps` units in the last place, and the fold stage; the onnx
-    stage then compares ONNX Runtime with this unfolded model, the source of truth). `onnx`: True exports PLAIN to a temp
-    dir; a path to an existing `.onnx` is taken as is, a new path is exported there and kept. `arch`: "vit" or
+    stage then compares ONNX Runtime with this unfolded model, the source of truth). `onnx`: True exports PLAIN to
+    a temp dir; a path to an existing `.onnx` is taken as is, a new path is exported there and kept. `arch`: "vit" or
     "package.module:factory". Raises `BadInputError` on bad input or options, before any expensive work.
     """
     started = time.perf_counter()

@@ -68,11 +68,12 @@ def measure_alone(plain: Callable[[], Any], *, warmup: int = 3, runs: int = 15) 
 def latency_result(numbers: dict[str, Any], max_ratio: float | None) -> StageResult:
     numbers = {**numbers, "max_ratio": max_ratio}
     ratio = numbers["ratio"]
-    line = (
-        f"median {numbers['median_ms']:.3g} ms vs reference {numbers['reference_median_ms']:.3g} ms at batch "
-        f"{numbers.get('batch_size', '?')}: ratio {ratio:.3f} (median of {numbers['runs']} interleaved rounds)"
-    )
-    if numbers.get("same_graph"):
+    if not numbers.get("same_graph"):
+        line = (
+            f"median {numbers['median_ms']:.3g} ms vs reference {numbers['reference_median_ms']:.3g} ms at batch "
+            f"{numbers.get('batch_size', '?')}: ratio {ratio:.3f} (median of {numbers['runs']} interleaved rounds)"
+        )
+    else:
         line = (
             f"median {numbers['median_ms']:.3g} ms at batch {numbers.get('batch_size', '?')} ({numbers['runs']} "
             "rounds); the reference graph is PLAIN's own export (same code and configuration), so the ratio is 1 "

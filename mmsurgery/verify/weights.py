@@ -216,7 +216,7 @@ def check_weights(plain: Checkpoint, paired: Checkpoint, max_ulps: int = 0) -> S
     for name, actual, want in _prefetch(source, plain, names):
         diff = compare_bits(name, actual, want, max_ulps)
         if diff is None:
-            nbytes += want.numel() * ITEMSIZE.get(expected[name].dtype, want.element_size())
+            nbytes += want.numel() * want.element_size()
         else:
             diffs.append(diff)
     rule = "bit-identical" if max_ulps == 0 else f"within {max_ulps} ulp{'s' * (max_ulps != 1)}"
