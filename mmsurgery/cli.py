@@ -22,7 +22,7 @@ app = typer.Typer(
     name="mmsurgery",
     help="Cross-modal weight surgery (Multimodal Pathway) on transformer checkpoints.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -56,6 +56,11 @@ PathArg = Annotated[
 KeyOpt = Annotated[
     str | None, typer.Option("--key", help="Take the state dict from this entry of a pickle ('a/b' for nesting).")
 ]
+
+
+def _choices(*values: str) -> Any:
+    """Shell completion for an option with fixed values (`mmsurgery --install-completion`)."""
+    return lambda incomplete: [v for v in values if v.startswith(incomplete)]
 
 
 def _out_option(help_text: str) -> Any:
@@ -100,7 +105,14 @@ def pair(
     layers: Annotated[
         str | None, typer.Option("--layers", help="Roles to pair, comma-separated: qkv,q,k,v,attn_out,mlp_in,mlp_out.")
     ] = None,
-    depth: Annotated[str, typer.Option("--depth", help="stretch (default), first, last or index.")] = "stretch",
+    depth: Annotated[
+        str,
+        typer.Option(
+            "--depth",
+            help="stretch (default), first, last or index.",
+            autocompletion=_choices("stretch", "first", "last", "index"),
+        ),
+    ] = "stretch",
     map_file: Annotated[Path | None, typer.Option("--map", help="JSON file of explicit block/linear pairings.")] = None,
     target_stack: Annotated[str | None, typer.Option("--target-stack", help="Target stack prefix.")] = None,
     aux_stack: Annotated[str | None, typer.Option("--aux-stack", help="Aux stack prefix.")] = None,
@@ -149,7 +161,14 @@ def fold(
     out: _out_option(
         "Plain output: a .safetensors file or a folder (default: <stem>.plain.safetensors beside it)."
     ) = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="keep, float32, bfloat16 or float16.")] = "keep",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="keep, float32, bfloat16 or float16.",
+            autocompletion=_choices("keep", "float32", "bfloat16", "float16"),
+        ),
+    ] = "keep",
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,
     key: KeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
