@@ -51,10 +51,11 @@ def _root(
 
 
 PathArg = Annotated[
-    Path, typer.Argument(help="A .safetensors file, a sharded index or its folder, or a .pt/.pth/.bin.")
+    Path, typer.Argument(help="A .safetensors file, a sharded index or its folder, a .pt/.pth/.bin, or a DCP folder.")
 ]
 KeyOpt = Annotated[
-    str | None, typer.Option("--key", help="Take the state dict from this entry of a pickle ('a/b' for nesting).")
+    str | None,
+    typer.Option("--key", help="Take the state dict from this entry of a pickle or DCP folder ('a/b' for nesting)."),
 ]
 
 
@@ -98,7 +99,8 @@ def pair(
     target: Annotated[Path, typer.Argument(help="The model to improve (e.g. a ViT checkpoint).")],
     aux: Annotated[Path, typer.Argument(help="The auxiliary model of another modality.")],
     out: _out_option(
-        "Paired output: a .safetensors file or a folder (default: <target stem>.paired.safetensors)."
+        "Paired output: a .safetensors file or a folder (default: <target stem>.paired.safetensors beside it; "
+        "for a model folder with config.json, the model folder <target>.paired/)."
     ) = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan and the summary counts as JSON.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and report; write nothing.")] = False,
@@ -123,35 +125,39 @@ def pair(
     heads: Annotated[int | None, typer.Option("--heads", help="Attention heads of a ViT target (metadata).")] = None,
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar (it is drawn only on a terminal, for long jobs).")
+    ] = False,
 ) -> None:
     """Align TARGET's block linears with AUX's and write a paired checkpoint (W, W_aux and λ per linear)."""
+    from mmsurgery import render
     from mmsurgery.pairing import pair as run_pair
 
-    result = run_pair(
-        target,
-        aux,
-        out,
-        roles=[r.strip() for r in layers.split(",") if r.strip()] if layers else None,
-        depth=depth,
-        map_file=map_file,
-        target_stack=target_stack,
-        aux_stack=aux_stack,
-        target_key=target_key,
-        aux_key=aux_key,
-        strict=strict,
-        init_scale=init_scale,
-        heads=heads,
-        force=force,
-        shard_size=shard_size,
-        dry_run=dry_run,
-    )
+    with render.byte_progress("pair", quiet=quiet or dry_run) as on_progress:
+        result = run_pair(
+            target,
+            aux,
+            out,
+            roles=[r.strip() for r in layers.split(",") if r.strip()] if layers else None,
+            depth=depth,
+            map_file=map_file,
+            target_stack=target_stack,
+            aux_stack=aux_stack,
+            target_key=target_key,
+            aux_key=aux_key,
+            strict=strict,
+            init_scale=init_scale,
+            heads=heads,
+            force=force,
+            shard_size=shard_size,
+            dry_run=dry_run,
+            on_progress=on_progress,
+        )
     if as_json:
         data = result.plan.to_json()
         data["output"] = str(result.output) if result.output else None
         print(json.dumps(data, indent=2))
         return
-    from mmsurgery import render
-
     _stdout().print(render.plan(result.plan, result.output))
 
 
@@ -159,7 +165,8 @@ def pair(
 def fold(
     paired: Annotated[Path, typer.Argument(help="A (trained) paired checkpoint: safetensors, sharded, or .pt.")],
     out: _out_option(
-        "Plain output: a .safetensors file or a folder (default: <stem>.plain.safetensors beside it)."
+        "Plain output: a .safetensors file or a folder (default: <stem>.plain.safetensors beside it; for a model "
+        "folder with config.json, the model folder <name>.plain/, x.paired/ giving x.plain/)."
     ) = None,
     dtype: Annotated[
         str,
@@ -173,16 +180,21 @@ def fold(
     key: KeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar (it is drawn only on a terminal, for long jobs).")
+    ] = False,
 ) -> None:
     """Fold every pathway into a plain weight, W + λ·W_aux, streaming; the output has the plain model's keys."""
+    from mmsurgery import render
     from mmsurgery.fold import fold_file
 
-    result = fold_file(paired, out, dtype=dtype, shard_size=shard_size, force=force, key=key)
+    with render.byte_progress("fold", quiet=quiet) as on_progress:
+        result = fold_file(
+            paired, out, dtype=dtype, shard_size=shard_size, force=force, key=key, on_progress=on_progress
+        )
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return
-    from mmsurgery import render
-
     _stdout().print(render.fold_result(result))
 
 
@@ -205,7 +217,14 @@ def verify(
             "taken as is, a new path is exported there and kept.",
         ),
     ] = None,
-    arch: Annotated[str, typer.Option("--arch", help="vit (built-in) or package.module:factory.")] = "vit",
+    arch: Annotated[
+        str,
+        typer.Option(
+            "--arch",
+            help="vit (built-in), hf (the Hugging Face model of the config.json next to PLAIN, else next to "
+            "PAIRED) or package.module:factory.",
+        ),
+    ] = "vit",
     inputs: Annotated[
         Path | None,
         typer.Option(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
-from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
+from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult, is_folder_output
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
+from mmsurgery.hf import model_folder
 from mmsurgery.paired_format import AUX_SUFFIX, FORMAT_KEY, SCALE_SUFFIX, VERSION_KEY, pathway_layers, read_scales
 
 FOLDED_FORMAT = "folded/1"
@@ -34,7 +36,7 @@ __all__ = ["DTYPES", "FoldResult", "PlainTensors", "default_output", "fold_file"
 @dataclass(frozen=True)
 class FoldResult:
     source: Path
-    output: Path | None  # None: the input was already plain and nothing was written
+    output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
     scales: dict[str, float]  # module path -> λ
     num_tensors: int
     sha256: str
@@ -53,12 +55,14 @@ class FoldResult:
             "num_tensors": self.num_tensors,
             "source_sha256": self.sha256,
             "bytes": self.written.total_size if self.written else 0,
+            "copied": [p.name for p in self.written.extra_files] if self.written else [],
             "scales": self.scales,
         }
 
 
 def default_output(paired: Path) -> Path:
-    """`<stem>.plain.safetensors` beside the input; `x.paired.safetensors` gives `x.plain.safetensors`."""
+    """`<stem>.plain.safetensors` beside the input; `x.paired.safetensors` gives `x.plain.safetensors` (a model
+    folder's default, `x.paired/` -> `x.plain/`, is `hf.ModelFolder.sibling`)."""
     name = paired.name.removesuffix(".index.json")
     stem = Path(name).stem.removesuffix(".paired")
     return paired.with_name(f"{stem}.plain.safetensors")
@@ -130,13 +134,22 @@ def fold_file(
     shard_size: int | str | None = None,
     force: bool = False,
     key: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> FoldResult:
     """Fold `paired` into a plain checkpoint at `out` (default: `<stem>.plain.safetensors` beside it).
 
+    `paired` as a Hugging Face model folder (a folder with `config.json`: `pair`'s folder output, a
+    `save_pretrained` folder, a Trainer `checkpoint-N`) gives a model folder: `<name>.plain/` beside it
+    (`x.paired/` -> `x.plain/`) by default, or the folder `out` names, holding `model.safetensors` (or shards and
+    their index) and the input's `config.json`, processor and tokenizer files, never its training state
+    (`hf.model_folder`), so `from_pretrained` loads it as is. `out` naming a `.safetensors` file writes that file.
+
+    `on_progress(bytes_written, bytes_total)` is called after each tensor written.
     A checkpoint without pathway tensors is reported as already plain and nothing is written. A non-finite λ or
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
     """
     _check_dtype(dtype)
+    folder = model_folder(paired)
     with open_checkpoint(paired, key=key) as ck:
         hashing = HashJob(ck.files, opener=ck.open_pinned)  # on the other core, while the tensors stream
         source = plain_tensors(ck, dtype)
@@ -144,17 +157,33 @@ def fold_file(
             return FoldResult(ck.path, None, {}, len(ck), hashing.result(), None)
         metadata = {k: v for k, v in ck.metadata.items() if k != FORMAT_KEY}
         metadata |= {
+            "format": "pt",  # torch tensors, as transformers writes it; readers that check it expect "pt"
             FORMAT_KEY: FOLDED_FORMAT,
             VERSION_KEY: __version__,
             SOURCE_KEY: hashing.placeholder,
             SCALES_KEY: json.dumps(source.scales, separators=(",", ":")),
         }
-        dest = out if out is not None else default_output(ck.path)  # a str keeps a trailing `/`
+        dest: str | os.PathLike[str]
+        if out is not None:
+            dest = out  # a str keeps a trailing `/`
+        elif folder is not None:
+            dest = f"{folder.sibling('.plain', replaces='.paired')}{os.sep}"
+        else:
+            dest = default_output(ck.path)
+        extra_files = folder.extra_files() if folder is not None and is_folder_output(dest) else None
         with SafetensorsWriter(
-            dest, source.specs, metadata=metadata, shard_size=shard_size, force=force, inputs=[ck.path, *ck.files]
+            dest,
+            source.specs,
+            metadata=metadata,
+            shard_size=shard_size,
+            force=force,
+            inputs=[ck.path, *ck.files],
+            extra_files=extra_files,
+            on_progress=on_progress,
         ) as w:
             for s in source.specs:
                 w.write(s.name, source.tensor(s.name))
             digest = hashing.result()
             written = w.commit(patch={hashing.placeholder: digest})
-        return FoldResult(ck.path, written.path, source.scales, len(source.specs), digest, written)
+        output = written.path.parent if extra_files is not None else written.path
+        return FoldResult(ck.path, output, source.scales, len(source.specs), digest, written)

@@ -1,4 +1,10 @@
-"""Hugging Face checkpoint names: what a `save_pretrained` folder holds on disk vs what the model has in memory.
+"""Hugging Face model folders and checkpoint names.
+
+Folders: a folder with a `config.json` (a `save_pretrained` folder, `mmsurgery pair`'s folder output, a Trainer
+`checkpoint-N`) is a model folder; `pair` and `fold` given one write one, carrying its non-weight files
+(`model_folder`).
+
+Names: what a `save_pretrained` folder holds on disk vs what the model has in memory.
 
 transformers 5 renames weights while loading (`vit.encoder.layer.0.attention.attention.query` on disk becomes
 `vit.layers.0.attention.q_proj` in the model) and renames them back when saving. mmsurgery keeps every file in
@@ -8,21 +14,84 @@ pathway keys `P.aux_weight` / `P.cross_modal_scale` follow their `P.weight` both
 
 Only renamings are supported: a key that one of transformers' `WeightConverter`s (merging or splitting tensors,
 e.g. MoE experts) would claim is refused, since a pathway is defined per stored linear. transformers is imported
-lazily; every function is the identity for a model that is not a `PreTrainedModel`.
+lazily; the name functions are the identity for a model that is not a `PreTrainedModel`.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
 from collections.abc import Mapping
-from typing import Any, TypeVar
-
-from torch import nn
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mmsurgery.errors import BadInputError
+from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX
 
-__all__ = ["is_hf_model", "to_disk_names", "to_model_names"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "CONFIG_NAME",
+    "NOT_CARRIED",
+    "ModelFolder",
+    "is_hf_model",
+    "model_folder",
+    "to_disk_names",
+    "to_model_names",
+]
 
 T = TypeVar("T")
+CONFIG_NAME = "config.json"  # what makes a folder a model folder (transformers' CONFIG_NAME)
+NOT_CARRIED = (  # name patterns of a model folder's files that an output folder does not get
+    *("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.gguf"),
+    "*.index.json",  # weights: the output's own are written, never the source's
+    *("trainer_state.json", "rng_state*.pth", "optimizer.*", "scheduler.*", "scaler.pt", "training_args.bin"),
+    *("latest", "zero_to_fp32.py"),  # a Trainer checkpoint's training state (DeepSpeed's too)
+    "adapter_config.json",  # without its adapter weights it would make transformers load the folder as a PEFT adapter
+)
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A Hugging Face model folder given as an input: `path` as given (absolute when given as `.` or `..`), and
+    `carried`, its top-level files that an output folder copies: `config.json`, generation config,
+    preprocessor, processor and tokenizer files, ... (every regular, non-hidden file not in `NOT_CARRIED`)."""
+
+    path: Path
+    carried: tuple[str, ...]
+
+    def sibling(self, suffix: str, *, replaces: str = "") -> Path:
+        """The default output folder beside this one: `vit` -> `vit.paired`; with `replaces=".paired"`,
+        `vit.paired` -> `vit.plain` for `suffix=".plain"`."""
+        return self.path.with_name(self.path.name.removesuffix(replaces) + suffix)
+
+    def extra_files(self) -> dict[str, Path]:
+        """Output name -> source file, what `SafetensorsWriter(extra_files=...)` takes."""
+        return {name: self.path / name for name in self.carried}
+
+
+def model_folder(path: str | os.PathLike[str]) -> ModelFolder | None:
+    """The model folder `path` names, or None when `path` is not a folder holding a `config.json` (a weights file
+    named directly, even inside a model folder, is just that file)."""
+    p = Path(path)
+    try:
+        if not p.is_dir() or not (p / CONFIG_NAME).is_file():
+            return None
+        entries = sorted(os.scandir(p), key=lambda e: (e.name != CONFIG_NAME, e.name))
+        carried = tuple(
+            e.name
+            for e in entries
+            if not e.name.startswith(".")
+            and e.is_file()  # follows a symlink, as a Hub cache snapshot holds its files
+            and not any(fnmatch.fnmatchcase(e.name, pattern) for pattern in NOT_CARRIED)
+        )
+    except OSError as e:
+        raise BadInputError(f"{p}: cannot read the folder ({e.strerror or type(e).__name__})") from None
+    if p.name in ("", ".", ".."):
+        p = Path(os.path.abspath(p))
+    return ModelFolder(p, carried)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -48,8 +117,11 @@ def _transforms(model: nn.Module, *, legacy: bool) -> tuple[list[Any], list[Any]
 
 def to_model_names(model: nn.Module, state: Mapping[str, T]) -> dict[str, T]:
     """`state`'s keys as `model.state_dict()` names them: transformers' load-time renaming for an HF model (keys
-    already in the model's names stay as they are), unchanged for any other model. Raises `BadInputError` when a
-    key needs one of transformers' tensor converters, or when two keys would get the same name."""
+    already in the model's names stay as they are), unchanged for any other model. A pathway key
+    (`P.aux_weight`, `P.cross_modal_scale`) is named after its `P.weight`, so it follows the weight even where
+    transformers adds or strips the base-model prefix (a `ViTModel` folder into `ViTForImageClassification`), which
+    it decides from the model's own keys. Raises `BadInputError` when a key needs one of transformers' tensor
+    converters, or when two keys would get the same name."""
     if not is_hf_model(model):
         return dict(state)
     from transformers.core_model_loading import rename_source_key
@@ -59,15 +131,19 @@ def to_model_names(model: nn.Module, state: Mapping[str, T]) -> dict[str, T]:
     prefix = getattr(model, "base_model_prefix", None) or None
     out: dict[str, T] = {}
     for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
         if key in own:
-            name = key
+            name, converter = key, None
+        elif leaf in (AUX_SUFFIX, SCALE_SUFFIX) and module:
+            weight, converter = rename_source_key(f"{module}.weight", renamings, converters, prefix, own)
+            name = f"{weight.removesuffix('.weight')}.{leaf}"
         else:
             name, converter = rename_source_key(key, renamings, converters, prefix, own)
-            if converter is not None:
-                raise BadInputError(
-                    f"{key}: transformers converts this tensor on load ({converter}); mmsurgery pairs stored "
-                    "linears one to one and cannot map a pathway through that conversion"
-                )
+        if converter is not None:
+            raise BadInputError(
+                f"{key}: transformers converts this tensor on load ({converter}); mmsurgery pairs stored "
+                "linears one to one and cannot map a pathway through that conversion"
+            )
         if name in out:
             raise BadInputError(f"{key}: two checkpoint keys become '{name}' in {type(model).__name__}")
         out[name] = value

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from mmsurgery.errors import AttachError, FoldError
+from mmsurgery.errors import AttachError, BadInputError, FoldError
 from mmsurgery.foldmath import effective_weight, fold_weight
+from mmsurgery.hf import to_model_names
 from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX
 
 __all__ = [
@@ -108,7 +109,9 @@ def _state_dict_post_hook(module: nn.Module, state_dict: dict[str, Any], prefix:
 def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
     """Rename public keys to parametrize's internal ones; a 0-d λ is accepted as shape [1]. Where both are
     present the public key wins: torch's `set_model_state_dict` adds the internal names with the model's current
-    values next to the public ones it was given."""
+    values next to the public ones it was given. With `full_state_dict=True` under FSDP2 it gives every rank the
+    full tensors and shards those of the names it knows itself; the public ones are sharded here the same way,
+    from the local full tensor (no communication)."""
     if _pathway_of(module) is None:
         return
     for public, internal in _PUBLIC_TO_INTERNAL.items():
@@ -116,7 +119,20 @@ def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *
             value = state_dict.pop(prefix + public)
             if public == SCALE_KEY and isinstance(value, Tensor) and value.ndim == 0:
                 value = value.reshape(1)
-            state_dict[prefix + internal] = value
+            state_dict[prefix + internal] = _like_parameter(module.get_parameter(internal), value)
+
+
+def _like_parameter(param: Tensor, value: Any) -> Any:
+    """`value` sharded like `param` where `param` is a DTensor and `value` the full plain tensor; else `value`."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor) or not isinstance(value, Tensor) or isinstance(value, dtensor):
+        return value
+    if value.shape != param.shape:
+        return value  # load_state_dict reports the shape mismatch
+    from torch.distributed.tensor import distribute_tensor
+
+    local = value.detach().to(param.device)
+    return distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def _load_post_hook(_module: nn.Module, incompatible: Any) -> None:
@@ -168,12 +184,19 @@ def attach(
 
     In place; returns `model`. `W_aux` is a copy of the paired tensor in the module weight's dtype and device;
     λ starts at `init_scale` (λ from the file is NOT read: to resume, call
-    `model.load_state_dict(trained_paired, strict=True)` after attaching). Target weights are not loaded
-    either. `layers` restricts the attach to some module paths. Everything is checked first (modules exist,
-    have a `.weight` Parameter without parametrization, shapes match, values finite); any problem raises
-    `AttachError` listing them and leaves the model untouched. Attach before wrapping the model in DDP.
+    `model.load_state_dict(hf.to_model_names(model, trained_paired), strict=True)` after attaching). Target
+    weights are not loaded either. For a Hugging Face model `paired` may use the names on disk (what
+    `save_pretrained` writes and `mmsurgery pair` keeps) or the model's own: pathway keys are renamed with
+    transformers' rules (`hf.to_model_names`, the identity for other models); `layers` restricts the attach to
+    some module paths, in the model's names. Everything is checked first (modules exist, have a `.weight`
+    Parameter without parametrization, shapes match, values finite); any problem raises `AttachError` listing
+    them and leaves the model untouched. Attach before wrapping the model in DDP.
     """
     state = _load_paired(paired) if isinstance(paired, (str, os.PathLike)) else paired
+    try:
+        state = to_model_names(model, {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in (AUX_KEY, SCALE_KEY)})
+    except BadInputError as e:
+        raise AttachError(f"cannot attach the pathway; the model was not changed: {e}") from None
     problems: list[str] = []
     aux = {_module_path(k, AUX_KEY): v for k, v in state.items() if k.rsplit(".", 1)[-1] == AUX_KEY}
     scale = {_module_path(k, SCALE_KEY): v for k, v in state.items() if k.rsplit(".", 1)[-1] == SCALE_KEY}
@@ -240,9 +263,51 @@ def pathway_modules(model: nn.Module) -> dict[str, Pathway]:
     return {name: pw for name, _m, pw in _entries(model)}
 
 
-def scales(model: nn.Module) -> dict[str, float]:
-    """Module path → current λ."""
-    return {name: float(pw.cross_modal_scale.detach().reshape(-1)[0]) for name, _m, pw in _entries(model)}
+def scales(model: nn.Module, *, gather: bool = False) -> dict[str, float]:
+    """Module path → current λ.
+
+    Never a collective by default, so it is safe on any subset of ranks (`if rank == 0: log(scales(model))`).
+    Under FSDP2 (`fully_shard`) λ is a DTensor sharded on dim 0: its one value lives on the first rank of the mesh
+    and the others hold an empty shard, so a rank that holds no λ raises `BadInputError` rather than reading it
+    from another rank (reading a sharded λ as a tensor all-gathers it: called on one rank only, that hangs until
+    the process group's timeout). `gather=True` all-gathers every λ, so every rank gets them; it is a collective:
+    call it on every rank of the mesh, in the same order as the other collectives.
+    """
+    values: dict[str, float] = {}
+    elsewhere: list[str] = []
+    for name, _m, pw in _entries(model):
+        value = _scale_value(pw.cross_modal_scale.detach(), gather)
+        if value is None:
+            elsewhere.append(name)
+        else:
+            values[name] = value
+    if elsewhere:
+        raise BadInputError(
+            f"λ of {len(elsewhere)} layer(s) (e.g. '{elsewhere[0]}') is sharded onto another rank (FSDP2 keeps it on "
+            "the first rank of the mesh): call scales(model) there, or scales(model, gather=True) on every rank"
+        )
+    return values
+
+
+def _scale_value(scale: Tensor, gather: bool) -> float | None:
+    """λ as a float: a plain tensor's value; a DTensor's from this rank's shard where that shard is the whole
+    (replicated, or sharded with this rank holding every element), all-gathered if `gather`; otherwise None."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(scale, dtensor):
+        return float(scale.reshape(-1)[0])
+    if gather:
+        return float(scale.full_tensor().reshape(-1)[0])
+    local = scale.to_local()
+    whole = all(p.is_replicate() or p.is_shard() for p in scale.placements) and local.shape == scale.shape
+    return float(local.reshape(-1)[0]) if whole else None
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 def is_attached(model: nn.Module) -> bool:
@@ -256,7 +321,18 @@ def fold(model: nn.Module) -> nn.Module:
     folded weight is computed and checked (finite λ and result) before any module changes, so a `FoldError`
     leaves the model as it was; this needs one extra copy of the pathway weights at peak. A model without
     pathway is returned unchanged (folding is idempotent). The `weight` Parameter objects are kept.
+
+    Pathway modules wrapped by PEFT adapters are folded too (then PEFT's merge is correct). A pathway module whose
+    adapter PEFT marked as merged (`merge_adapter()`) is refused: that merge went into a recomputed weight and was
+    lost, and folding would make PEFT's later unmerge or merge act on the wrong weight.
     """
+    lost = _lost_adapter_merges(model)
+    if lost:
+        raise FoldError(
+            _format_problems(lost, "cannot fold: PEFT merged adapters into pathway weights, where a merge is lost")
+            + "\ncall unmerge_adapter() on the PEFT model, then fold (mmsurgery.integrations.peft.merge_and_unload "
+            "folds, then merges)"
+        )
     entries = _entries(model)
     folded: list[Tensor] = []
     for name, module, pw in entries:
@@ -273,6 +349,18 @@ def fold(model: nn.Module) -> nn.Module:
         for key in [k for k in pw._param_order if k in params] + [k for k in params if k not in pw._param_order]:
             params[key] = params.pop(key)
     return model
+
+
+def _lost_adapter_merges(model: nn.Module) -> list[str]:
+    """Pathway modules that are the `base_layer` of a PEFT tuner layer listing `merged_adapters` (duck-typed:
+    PEFT is never imported here)."""
+    return [
+        f"'{name}.base_layer': adapter(s) {', '.join(map(str, merged))} merged with PEFT's merge, which was lost"
+        for name, module in model.named_modules()
+        if (base := module._modules.get("base_layer")) is not None
+        and _pathway_of(base) is not None
+        and (merged := getattr(module, "merged_adapters", None))
+    ]
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:

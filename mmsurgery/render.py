@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
@@ -16,6 +18,46 @@ if TYPE_CHECKING:
     from mmsurgery.fold import FoldResult
     from mmsurgery.pairing.plan import Plan
     from mmsurgery.verify.report import Report
+
+
+PROGRESS_MIN_BYTES = 64 * 2**20  # smaller jobs finish before a bar would be worth drawing
+
+
+@contextmanager
+def byte_progress(label: str, *, quiet: bool = False) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient progress bar on stderr for a streaming command, fed through the callback this yields
+    (`on_progress(bytes_done, bytes_total)`). None — no bar at all — under `quiet`, when stderr is not a terminal
+    (a pipe, a CI log), and the bar is only drawn for jobs of at least `PROGRESS_MIN_BYTES`."""
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    task: list[int] = []
+
+    def on_progress(done: int, total: int) -> None:
+        if not task:
+            if total < PROGRESS_MIN_BYTES:
+                return
+            bar.start()
+            task.append(bar.add_task(label, total=total))
+        bar.update(task[0], completed=done, total=total)
+
+    try:
+        yield on_progress
+    finally:
+        if task:
+            bar.stop()
 
 
 def human_bytes(n: int) -> str:

@@ -5,7 +5,9 @@ tensor at a time and nothing bigger than one tensor is held. Every file is writt
 folder) beside the target, fsynced, and published only when all of them are complete, with a no-replace link
 or rename unless `force`: no half-written output, and never a silent replacement of an output that appeared
 meanwhile. Temp names carry the writer's pid, so a later writer to the same output can remove the temps of a
-killed one. The guarantees are spelled out in docs/formats.md, "Atomic, exclusive outputs".
+killed one. A folder output may carry other files (a model folder's `config.json`, tokenizer files, ...), copied
+into the same temp folder and published with the weights. The guarantees are spelled out in docs/formats.md,
+"Atomic, exclusive outputs".
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from mmsurgery.checkpoint.dtypes import ITEMSIZE, NAME_TO_CODE, torch_dtype_name
 from mmsurgery.checkpoint.reader import TensorInfo
 from mmsurgery.errors import BadInputError, OutputExistsError
 
-__all__ = ["SafetensorsWriter", "WriteResult", "check_output", "parse_size", "write_safetensors", "write_text_atomic"]
+__all__ = [
+    "SafetensorsWriter",
+    "WriteResult",
+    "check_output",
+    "is_folder_output",
+    "parse_size",
+    "write_safetensors",
+    "write_text_atomic",
+]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -56,6 +66,7 @@ class WriteResult:
     files: tuple[Path, ...]
     index: Path | None
     total_size: int  # bytes of tensor data, as the index's `total_size`
+    extra_files: tuple[Path, ...] = ()  # files copied into the output folder beside the weights
 
     @property
     def path(self) -> Path:
@@ -89,6 +100,12 @@ def _resolve_output(path: str | os.PathLike[str]) -> tuple[Path, str, bool]:
     return p, "model", True
 
 
+def is_folder_output(path: str | os.PathLike[str]) -> bool:
+    """Whether `SafetensorsWriter(path, ...)` writes into a folder (see `_resolve_output` for the rule); raises
+    `BadInputError` for a path that names neither a file nor a folder."""
+    return _resolve_output(path)[2]
+
+
 def _refuse_overlap(outputs: Sequence[Path], folder: Path | None, inputs: Sequence[str | os.PathLike[str]]) -> None:
     """An output set may never overlap an input: not one of its files, not the folder holding an input, even
     with `force` (a fold into its own input folder would replace the index the rest of the set depends on)."""
@@ -116,6 +133,14 @@ class SafetensorsWriter:
     Filesystem errors on the output (a name too long, a read-only or unwritable folder, a full disk) raise
     `BadInputError` naming the path; an output that exists, or appears before the commit, raises
     `OutputExistsError` unless `force`; an output that overlaps an input raises it even with `force`.
+
+    `on_progress(bytes_written, bytes_total)` is called after each tensor (the CLI draws its progress bar with it).
+
+    `extra_files` (output name -> source file, for a folder output only) are copied into the output folder and
+    published with the weights, as part of the same set: a model folder's `config.json` and tokenizer files.
+    In an existing folder, a set of the other layout under the same stem (`model.safetensors` when writing
+    shards, `model.safetensors.index.json` when writing one file) is part of the output too: refused without
+    `force`, removed with it before anything is published, so the folder never holds two models.
     """
 
     def __init__(
@@ -127,6 +152,8 @@ class SafetensorsWriter:
         shard_size: int | str | None = None,
         force: bool = False,
         inputs: Sequence[str | os.PathLike[str]] = (),
+        extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         try:
             folder, stem, named_folder = _resolve_output(path)
@@ -147,17 +174,33 @@ class SafetensorsWriter:
         self._folder = folder
         self._stem = stem
         outputs = [*self.targets, *([self.index] if self.index else [])]
+        _check_extras(list(extra_files or {}), outputs, named_folder)
+        self._extras = {folder / name: Path(src) for name, src in (extra_files or {}).items()}
+        other = folder / (f"{stem}.safetensors" if self.index else f"{stem}{INDEX_SUFFIX}")
+        self._retire = other if named_folder and os.path.lexists(other) else None
         try:
-            _refuse_overlap(outputs, folder if named_folder else None, inputs)
+            _refuse_overlap(
+                [*outputs, *self._extras, *([self._retire] if self._retire else [])],
+                folder if named_folder else None,
+                [*inputs, *self._extras.values()],
+            )
+            self.removed_stale = self._remove_stale()  # first: a dead writer's linked files are not outputs
             if not force:
-                for t in outputs:
+                for t in [*outputs, *self._extras]:
                     if os.path.lexists(t):
                         raise OutputExistsError(f"{t} exists; pass --force to overwrite it")
+                if self._retire is not None:
+                    raise OutputExistsError(
+                        f"{self._retire} exists (a model in the other layout, which would be left beside this one); "
+                        "pass --force to replace it"
+                    )
+            for src in self._extras.values():
+                if not src.is_file():
+                    raise BadInputError(f"{src}: no such file to copy into the output")
             self._new_folder = not folder.is_dir()
             if self._new_folder and os.path.lexists(folder):
                 raise BadInputError(f"{folder}: exists and is not a folder; choose another output path")
-            _check_name_lengths([*outputs, *([folder] if self._new_folder else [])])
-            self.removed_stale = self._remove_stale()
+            _check_name_lengths([*outputs, *self._extras, *([folder] if self._new_folder else [])])
             if self._new_folder:
                 folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -165,7 +208,10 @@ class SafetensorsWriter:
         self._groups = groups
         self._order = [s.name for g in groups for s in g]
         self._specs = {s.name: s for s in specs}
+        self._total = sum(_nbytes(s) for s in specs)
         self._pos = 0
+        self._done = 0
+        self._on_progress = on_progress
         self._shard = -1
         self._file: Any = None
         self._temps: list[Path] = []
@@ -211,6 +257,9 @@ class SafetensorsWriter:
         except OSError as e:
             raise _os_error(e, self.targets[shard]) from e
         self._pos += 1
+        self._done += data.nbytes
+        if self._on_progress is not None:
+            self._on_progress(self._done, self._total)
 
     def commit(self, patch: Mapping[str, str] | None = None) -> WriteResult:
         """Publish the output. `patch` replaces placeholder strings in the metadata (each with a string of the
@@ -230,11 +279,13 @@ class SafetensorsWriter:
             raise _os_error(e, self.index or self.targets[0]) from e
         self._committed = True
         self._temps = []
-        return WriteResult(tuple(self.targets), self.index, self.total_size)
+        return WriteResult(tuple(self.targets), self.index, self.total_size, tuple(self._extras))
 
     def _publish_work(self) -> None:
         work = self._work
         assert work is not None
+        for dst, src in self._extras.items():
+            _copy_new(src, work / dst.name)
         if self.index is not None:
             weight_map = {s.name: self.targets[i].name for i, g in enumerate(self._groups) for s in g}
             body = {"metadata": {"total_size": self.total_size, **self.metadata}, "weight_map": weight_map}
@@ -253,9 +304,11 @@ class SafetensorsWriter:
                 _fsync_dir(self._folder.parent)
                 return
         last = self.index or self.targets[0]  # the commit point: a reader opens the set through it
-        if self.force and self.index is not None and os.path.lexists(self.index):
-            os.unlink(self.index)  # retire the old set before any of its shards changes
-        for t in [*self.targets, *([self.index] if self.index else [])]:
+        if self.force:  # retire the old set (and one of the other layout) before any of its files changes
+            for old in (self.index, self._retire):
+                if old is not None and os.path.lexists(old):
+                    os.unlink(old)
+        for t in [*self.targets, *([self.index] if self.index else []), *self._extras]:
             if t != last:
                 _link(work / t.name, t, self.force)
         _link(work / last.name, last, self.force)
@@ -294,7 +347,7 @@ class SafetensorsWriter:
 
     @property
     def total_size(self) -> int:
-        return sum(_nbytes(s) for s in self._specs.values())
+        return self._total
 
     def _remove_stale(self) -> list[Path]:
         """Temps of this output left by writers that are dead (killed): only names of our pattern whose pid
@@ -319,7 +372,7 @@ class SafetensorsWriter:
     def _open_shard(self, shard: int) -> None:
         self._close_file()
         target = self.targets[shard]
-        if self._new_folder or self.index is not None:
+        if self._new_folder or self.index is not None or self._extras:
             if self._work is None:
                 index_name = f"{self._stem}{INDEX_SUFFIX}"
                 parent, name = (
@@ -362,14 +415,40 @@ def write_safetensors(
     shard_size: int | str | None = None,
     force: bool = False,
     inputs: Sequence[str | os.PathLike[str]] = (),
+    extra_files: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> WriteResult:
     """Write a whole in-memory state dict atomically (see `SafetensorsWriter` for streaming)."""
     items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
     specs = [TensorInfo(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in items]
-    with SafetensorsWriter(path, specs, metadata=metadata, shard_size=shard_size, force=force, inputs=inputs) as w:
+    options: dict[str, Any] = dict(metadata=metadata, shard_size=shard_size, force=force, inputs=inputs)
+    with SafetensorsWriter(path, specs, extra_files=extra_files, **options) as w:
         for name, t in items:
             w.write(name, t)
         return w.commit()
+
+
+def _check_extras(names: Sequence[str], outputs: Sequence[Path], named_folder: bool) -> None:
+    """Extra files are plain names inside a folder output that no weight file of the set uses (caller errors)."""
+    if names and not named_folder:
+        raise ValueError("extra_files need a folder output, not a single .safetensors file")
+    taken = {t.name for t in outputs}
+    for name in names:
+        if name in taken or name in ("", ".", "..") or "/" in name or os.sep in name or name.endswith(TEMP_SUFFIX):
+            raise ValueError(f"extra file name {name!r}: must be a plain file name that no weight file uses")
+
+
+def _copy_new(src: Path, dst: Path) -> None:
+    """Copy `src`'s bytes (through a symlink, as a Hub cache holds them) to the new file `dst`, fsynced. A source
+    that cannot be read is bad input naming it, not a failed write."""
+    try:
+        fin = open(src, "rb")  # noqa: SIM115 - closed below; opening is where a read problem shows
+    except OSError as e:
+        raise BadInputError(f"{src}: cannot read ({e.strerror or type(e).__name__})") from None
+    with fin, os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+        fout.flush()
+        os.fsync(fout.fileno())
+        os.fchmod(fout.fileno(), 0o666 & ~_umask())
 
 
 def _nbytes(spec: TensorInfo) -> int:
@@ -475,12 +554,13 @@ def _remove_stale_in(where: Path, ours: Callable[[str], bool], dest: Path) -> li
 
 def _discard_work(work: Path, dest: Path) -> None:
     """Remove a temp folder, and the files linked from it into `dest` unless its commit point (the index, or
-    the one file) was published too: a file in `dest` that is the same inode as one in `work` is provably ours."""
+    the one weights file) was published too: a file in `dest` that is the same inode as one in `work` is provably ours."""
     try:
         files = [p for p in work.iterdir() if p.is_file()]
     except OSError:
         files = []
-    marker = next((p for p in files if p.name.endswith(INDEX_SUFFIX)), files[0] if len(files) == 1 else None)
+    weights = [p for p in files if p.name.endswith(".safetensors")]
+    marker = next((p for p in files if p.name.endswith(INDEX_SUFFIX)), weights[0] if len(weights) == 1 else None)
     if marker is None or not _same(dest / marker.name, marker):
         for p in files:
             if _same(dest / p.name, p):

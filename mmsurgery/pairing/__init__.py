@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import open_checkpoint
+from mmsurgery.checkpoint.writer import is_folder_output
 from mmsurgery.errors import BadInputError
+from mmsurgery.hf import model_folder
 from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_map
 from mmsurgery.pairing.paired import PairedWrite, default_output, write_paired
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
@@ -35,7 +37,7 @@ __all__ = [
 @dataclass(frozen=True)
 class PairResult:
     plan: Plan
-    output: Path | None  # None for a dry run
+    output: Path | None  # what to open or `from_pretrained`: a model folder, an index, or the file; None: dry run
     written: PairedWrite | None
 
 
@@ -57,10 +59,17 @@ def pair(
     force: bool = False,
     shard_size: int | str | None = None,
     dry_run: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PairResult:
     """Align `target` with `aux` and (unless `dry_run`) write the paired checkpoint to `out`
     (default: `<target stem>.paired.safetensors` beside the target). `init_scale` must be finite: a paired file
-    whose λ is NaN or infinite could never be folded."""
+    whose λ is NaN or infinite could never be folded. `on_progress(bytes_written, bytes_total)` is called after
+    each tensor written.
+
+    A `target` that is a Hugging Face model folder (a folder with `config.json`) gives a model folder:
+    `<target>.paired/` beside it by default, or the folder `out` names, holding `model.safetensors` (or shards and
+    their index) and the target's `config.json`, processor and tokenizer files (`hf.model_folder`), so
+    `from_pretrained` loads it as is; `out` naming a `.safetensors` file still writes that one file."""
     if not math.isfinite(init_scale):
         raise BadInputError(f"--init-scale {init_scale}: λ must start at a finite number (the paper's is 0)")
     with open_checkpoint(target, key=target_key) as t, open_checkpoint(aux, key=aux_key) as a:
@@ -74,14 +83,33 @@ def pair(
             HashJob(a.files, 1, a.open_pinned),
         )  # hashed on the other core while tensors stream
         plan = align(t, a, digests=(jobs[0].placeholder, jobs[1].placeholder), **options)
-        dest = Path(out) if out is not None else default_output(t.path)
+        folder = model_folder(target)
+        dest: str | os.PathLike[str]
+        if out is not None:
+            dest = out  # a str keeps a trailing `/`
+        elif folder is not None:
+            dest = f"{folder.sibling('.paired')}{os.sep}"
+        else:
+            dest = default_output(t.path)
+        extra_files = folder.extra_files() if folder is not None and is_folder_output(dest) else None
         digests = {job.placeholder: job for job in jobs}
         written = write_paired(
-            plan, t, a, dest, init_scale=init_scale, heads=heads, force=force, shard_size=shard_size, digests=digests
+            plan,
+            t,
+            a,
+            dest,
+            init_scale=init_scale,
+            heads=heads,
+            force=force,
+            shard_size=shard_size,
+            digests=digests,
+            extra_files=extra_files,
+            on_progress=on_progress,
         )
         final = replace(
             plan,
             target=replace(plan.target, sha256=jobs[0].result()),
             aux=replace(plan.aux, sha256=jobs[1].result()),
         )
-        return PairResult(final, written.result.path, written)
+        output = written.result.path.parent if extra_files is not None else written.result.path
+        return PairResult(final, output, written)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +59,12 @@ def write_paired(
     force: bool = False,
     shard_size: int | str | None = None,
     digests: Mapping[str, HashJob] | None = None,
+    extra_files: Mapping[str, Path] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PairedWrite:
     """Stream the paired checkpoint to `out`. `digests` maps placeholders in the plan to the hash jobs whose
-    results replace them in the header at commit."""
+    results replace them in the header at commit; `extra_files` (a folder output's other files, such as a model
+    folder's `config.json`) are published with it."""
     import torch
 
     clash = [p.aux_weight_key for p in plan.pairs if p.aux_weight_key in target.infos]
@@ -73,13 +76,23 @@ def write_paired(
         specs.append(TensorInfo(p.aux_weight_key, dtype, p.target_shape))
         specs.append(TensorInfo(p.scale_key, "float32", (1,)))  # λ stays float32, as the pathway keeps it
     metadata = {k: v for k, v in target.metadata.items() if not k.startswith("mmsurgery.")}
+    metadata["format"] = "pt"  # torch tensors, as transformers writes it; readers that check it expect "pt"
     metadata |= {FORMAT_KEY: PAIRED_FORMAT, VERSION_KEY: __version__, PLAN_KEY: plan.dumps()}
     metadata["mmsurgery.init_scale"] = repr(float(init_scale))
     vit = vit_metadata(target, heads)
     if vit is not None:
         metadata[VIT_KEY] = vit
     inputs = [target.path, *target.files, aux.path, *aux.files]  # an index is an input too
-    with SafetensorsWriter(out, specs, metadata=metadata, shard_size=shard_size, force=force, inputs=inputs) as w:
+    with SafetensorsWriter(
+        out,
+        specs,
+        metadata=metadata,
+        shard_size=shard_size,
+        force=force,
+        inputs=inputs,
+        extra_files=extra_files,
+        on_progress=on_progress,
+    ) as w:
         for name in target.infos:
             w.write(name, target.get(name))
         for p in plan.pairs:
