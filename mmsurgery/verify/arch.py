@@ -1,4 +1,5 @@
-"""Architectures verify can build from a checkpoint: the built-in ViT, or any `MODULE:CALLABLE` factory.
+"""Architectures verify can build from a checkpoint: the built-in ViT, a Hugging Face model from its `config.json`
+(`hf`, in `verify.hf_arch`), or any `MODULE:CALLABLE` factory.
 
 The factory contract (docs/verify.md): `factory(state_dict, metadata) -> nn.Module` returns the architecture
 with any weights (verify loads the checkpoint into it with `strict=True`); `example_input(batch_size, generator)`
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -18,11 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
+from mmsurgery.hf import to_model_names
 from mmsurgery.models.vit import VisionTransformer, ViTConfig, config_from_state_dict
 
-__all__ = ["Arch", "FactoryArch", "VitArch", "load_arch"]
+__all__ = ["Arch", "Example", "FactoryArch", "VitArch", "load_arch"]
 
 ExampleInput = Callable[[int, torch.Generator], Tensor]
+Example = Tensor | tuple[Tensor, ...]  # one batch: the forward's positional tensors
 
 
 class Arch:
@@ -39,9 +43,31 @@ class Arch:
         """A plain model of the same configuration (the caller loads PLAIN's weights): what it must cost."""
         raise NotImplementedError
 
-    def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Tensor | None:
-        """A seeded input batch for `model`, or None when the architecture cannot make one."""
+    def load(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+        """Load a checkpoint's `state` into `model` strictly (`RuntimeError` if it does not fit), its names converted
+        by `mmsurgery.hf.to_model_names` (on-disk Hugging Face names; the identity for other models)."""
+        model.load_state_dict(to_model_names(model, state), strict=True)
+
+    def state_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """The keys (model names) and shapes a checkpoint of `model` holds: what the keys stage expects."""
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def runnable(self, model: nn.Module) -> nn.Module:
+        """The module verify calls, exports and times: `model` itself unless its output needs picking."""
+        return model
+
+    def graph_names(self, runnable: nn.Module) -> tuple[list[str] | None, list[str] | None]:
+        """ONNX input and output names for the export of `runnable` (None: the exporter's own)."""
+        return None, None
+
+    def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Example | None:
+        """A seeded input batch for `model` (a tensor, or a tuple of the forward's positional tensors), or None
+        when the architecture cannot make one."""
         raise NotImplementedError
+
+    def inputs_from_file(self, model: nn.Module, tensors: Mapping[str, Tensor]) -> Example:
+        """The forward's inputs from an `--inputs` file's tensors (`input` is always there)."""
+        return tensors["input"]
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """The model's configuration, flat; the cost stage requires PLAIN's to equal the reference's."""
@@ -124,26 +150,38 @@ class FactoryArch(Arch):
     def reference(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
         return self._call(state, {})
 
-    def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Tensor | None:
+    def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Example | None:
         make = getattr(model, "example_input", None) or getattr(self.module, "example_input", None)
         if not callable(make):
             return None
         x = make(batch_size, generator)
+        if isinstance(x, (tuple, list)) and x and all(isinstance(t, Tensor) for t in x):
+            return tuple(x)
         if not isinstance(x, Tensor):
-            raise BadInputError(f"--arch {self.name}: example_input returned {type(x).__name__}, not a Tensor")
+            raise BadInputError(
+                f"--arch {self.name}: example_input returned {type(x).__name__}, not a Tensor or a tuple of Tensors"
+            )
         return x
 
 
-def load_arch(spec: str, num_heads: int | None = None) -> Arch:
-    """`"vit"` → the built-in ViT; `"package.module:factory"` (attribute path allowed after the colon) → that
-    factory. Anything else, or a factory that cannot be imported, raises `BadInputError`."""
+def load_arch(
+    spec: str, num_heads: int | None = None, *, checkpoints: Sequence[str | os.PathLike[str] | None] = ()
+) -> Arch:
+    """`"vit"` → the built-in ViT; `"hf"` → the Hugging Face model of the `config.json` in the folder of the first of
+    `checkpoints` (PLAIN, then PAIRED) that has one; `"package.module:factory"` (attribute path allowed after the
+    colon) → that factory. Anything else, or a factory that cannot be imported, raises `BadInputError`."""
     if spec == "vit":
         return VitArch(num_heads)
     if num_heads is not None:
-        raise BadInputError("--heads applies to the built-in --arch vit only; a factory knows its own head count")
+        raise BadInputError(f"--heads applies to the built-in --arch vit only; --arch {spec} knows its own head count")
+    if spec == "hf":
+        from mmsurgery.verify.hf_arch import HfArch, find_config
+
+        config = find_config(checkpoints)  # before importing transformers: a missing config is a quick exit 2
+        return HfArch(config)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise BadInputError(f"--arch {spec!r}: use 'vit' or 'package.module:factory'")
+        raise BadInputError(f"--arch {spec!r}: use 'vit', 'hf' or 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while importing

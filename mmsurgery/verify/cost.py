@@ -8,7 +8,7 @@ elementwise `Mul`/`Add`, or a tanh GELU where the reference has the exact one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,11 +26,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, x: Tensor) -> tuple[int, dict[str, int]]:
-    """(total FLOPs, FLOPs per aten op) of one forward on `x` (a multiply-add counts 2)."""
+def count_flops(model: nn.Module, x: Tensor | Sequence[Tensor]) -> tuple[int, dict[str, int]]:
+    """(total FLOPs, FLOPs per aten op) of one forward on `x`, one tensor or the forward's positional tensors (a
+    multiply-add counts 2)."""
+    args = (x,) if isinstance(x, Tensor) else tuple(x)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-        model(x)
+        model(*args)
     per_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return int(counter.get_total_flops()), dict(sorted(per_op.items()))
 

@@ -27,11 +27,12 @@ from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import BadInputError, MMSurgeryError
+from mmsurgery.hf import to_disk_names, to_model_names
 from mmsurgery.pathway import attach, scales, split_paired
 from mmsurgery.verify import cost, latency, onnx_stage
 from mmsurgery.verify.arch import Arch, load_arch
 from mmsurgery.verify.compare import Comparison, Tolerance, compare_outputs, flatten_outputs, summarize, tolerances_for
-from mmsurgery.verify.inputs import check_onnx_option, make_inputs, parse_batch_sizes, read_inputs
+from mmsurgery.verify.inputs import check_onnx_option, first_rows, make_inputs, parse_batch_sizes, read_inputs
 from mmsurgery.verify.keys import check_keys
 from mmsurgery.verify.report import Report, StageResult, error_line
 from mmsurgery.verify.weights import check_weights
@@ -52,17 +53,23 @@ def _dominant_dtype(ck: Checkpoint) -> str:
     return max(totals, key=lambda d: totals[d]) if totals else "float32"
 
 
-def _shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
-
-
-def _load_strict(model: nn.Module, state: Mapping[str, Tensor]) -> str | None:
-    """Load strictly; the error text when the state does not fit, else None."""
+def _load_strict(arch: Arch, model: nn.Module, state: Mapping[str, Tensor]) -> str | None:
+    """Load strictly (`Arch.load`: names converted to the model's); the error text when it does not fit, else None."""
     try:
-        model.load_state_dict(dict(state), strict=True)
+        arch.load(model, state)
     except RuntimeError as exc:
         return str(exc).strip().splitlines()[0]
     return None
+
+
+def _model_shapes(arch: Arch, model: nn.Module, file_keys: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes a checkpoint of `model` holds, named as the file names them: a key of the file that maps
+    onto a model key (`hf.to_model_names`) keeps the file's name, any other gets its on-disk name. The identity for
+    a model that is not a Hugging Face one."""
+    shapes = arch.state_shapes(model)
+    file_name = {m: f for f, m in to_model_names(model, {k: k for k in file_keys}).items()}
+    disk = to_disk_names(model, [n for n in shapes if n not in file_name])
+    return {file_name.get(n) or disk[n]: s for n, s in shapes.items()}
 
 
 @dataclass
@@ -72,8 +79,9 @@ class _Run:
     arch: Arch
     batch_sizes: tuple[int, ...]
     tol: dict[str, Tolerance]
-    inputs: dict[int, Tensor] = field(default_factory=dict)
+    inputs: dict[int, tuple[Tensor, ...]] = field(default_factory=dict)
     plain: nn.Module | None = None
+    plain_call: nn.Module | None = None  # what runs PLAIN: `arch.runnable(plain)`
     plain_skip: str = ""
     plain_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
     unfolded_outputs: dict[int, list[Tensor]] = field(default_factory=dict)
@@ -85,15 +93,20 @@ class _Run:
     reference_graph: Path | None = None
 
     def outputs_of_plain(self) -> dict[int, list[Tensor]]:
-        assert self.plain is not None
+        assert self.plain_call is not None
         if not self.plain_outputs:
-            self.plain_outputs = _forward(self.plain, self.inputs)
+            self.plain_outputs = _forward(self.plain_call, self.inputs)
         return self.plain_outputs
 
+    def export(self, runnable: nn.Module, path: Path, opset: int) -> Path:
+        inputs, outputs = self.arch.graph_names(runnable)
+        example = self.inputs[max(self.batch_sizes)]
+        return onnx_stage.export(runnable, example, path, opset=opset, input_names=inputs, output_names=outputs)
 
-def _forward(model: nn.Module, inputs: Mapping[int, Tensor]) -> dict[int, list[Tensor]]:
+
+def _forward(model: nn.Module, inputs: Mapping[int, tuple[Tensor, ...]]) -> dict[int, list[Tensor]]:
     with torch.no_grad():
-        return {b: [t.float() for t in flatten_outputs(model(x))] for b, x in inputs.items()}
+        return {b: [t.float() for t in flatten_outputs(model(*x))] for b, x in inputs.items()}
 
 
 def _comparisons(
@@ -129,18 +142,18 @@ def _stage_fold(run: _Run, paired_ck: Checkpoint) -> StageResult:
     paired = paired_ck.to_state_dict()
     plain_part, _ = split_paired(paired)
     unfolded = run.arch.build(plain_part, paired_ck.metadata)
-    attach(unfolded, paired)
-    problem = _load_strict(unfolded, paired)
+    attach(unfolded, to_model_names(unfolded, paired))
+    problem = _load_strict(run.arch, unfolded, paired)
     if problem:
         raise BadInputError(f"{paired_ck.path}: does not load strictly into the model with its pathway: {problem}")
     target = run.arch.build(plain_part, paired_ck.metadata)
-    problem = _load_strict(target, plain_part)
+    problem = _load_strict(run.arch, target, plain_part)
     if problem:
         raise BadInputError(f"{paired_ck.path}: its plain part does not load strictly into the model: {problem}")
     lam = scales(unfolded)
-    run.unfolded_outputs = _forward(unfolded.float().eval(), run.inputs)
+    run.unfolded_outputs = _forward(run.arch.runnable(unfolded.float().eval()), run.inputs)
     first = run.batch_sizes[0]  # the pathway's effect needs one batch, not all
-    target_outputs = _forward(target.float().eval(), {first: run.inputs[first]})
+    target_outputs = _forward(run.arch.runnable(target.float().eval()), {first: run.inputs[first]})
     del unfolded, target
     tol = run.tol["fold"]
     ok, numbers, line = _verdict(_comparisons(run.outputs_of_plain(), run.unfolded_outputs, tol), tol)
@@ -166,8 +179,9 @@ def _stage_fold(run: _Run, paired_ck: Checkpoint) -> StageResult:
 
 
 def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bool) -> StageResult:
-    assert run.plain is not None
+    assert run.plain_call is not None
     numbers: dict[str, Any] = {"opset_requested": opset}
+    plain_outputs = run.outputs_of_plain()  # before the export: a first call settles what the forward returns
     if isinstance(onnx, Path) and onnx.exists():
         path, source = onnx, "given"
     else:
@@ -175,7 +189,7 @@ def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bo
         source = "exported" if isinstance(onnx, Path) else "exported (temporary)"
         start = time.perf_counter()
         try:
-            onnx_stage.export(run.plain, run.inputs[max(run.batch_sizes)], path, opset=opset)
+            run.export(run.plain_call, path, opset)
         except Exception as exc:
             log.debug("ONNX export failed", exc_info=True)
             run.graph_skip = "the export of PLAIN failed"
@@ -196,13 +210,13 @@ def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bo
     except Exception as exc:
         return StageResult("onnx", "fail", 0.0, f"ONNX Runtime: {error_line(exc)}", numbers)
     against = against and bool(run.unfolded_outputs)  # without them the fold stage failed already
-    expected = run.unfolded_outputs if against else run.outputs_of_plain()
+    expected = run.unfolded_outputs if against else plain_outputs
     numbers["compared"] = "ONNX Runtime vs " + ("PAIRED unfolded in PyTorch" if against else "PLAIN in PyTorch")
     tol = run.tol["onnx"]
     ok, found, line = _verdict(_comparisons(ort_out, expected, tol), tol)
     numbers |= found
     if against:
-        _, vs_plain, _ = summarize(_comparisons(ort_out, run.outputs_of_plain(), tol))
+        _, vs_plain, _ = summarize(_comparisons(ort_out, plain_outputs, tol))
         numbers["vs_plain_pytorch_max_abs"] = vs_plain.get("max_abs")
         line += f" (ORT vs PLAIN in PyTorch: max abs {vs_plain.get('max_abs', 0.0):.3g})"
     what = "ORT vs unfolded PyTorch" if against else "ORT vs PyTorch"
@@ -212,18 +226,17 @@ def _stage_onnx(run: _Run, onnx: Path | bool, tmp: Path, opset: int, against: bo
 def _stage_cost(
     run: _Run, plain_part: Mapping[str, Tensor], metadata: Mapping[str, str], tmp: Path, opset: int, onnx_asked: bool
 ) -> StageResult:
-    assert run.plain is not None
+    assert run.plain is not None and run.plain_call is not None
     run.reference = run.arch.reference(plain_part, metadata).float().eval()
     # The same weights in the reference: exporters drop or fold constant initialisers (all-ones LayerNorm
     # weights, zero biases of a fresh model), so fresh weights would make two equal structures look different.
-    try:
-        run.reference.load_state_dict(plain_part, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        return StageResult("cost", "fail", 0.0, f"PLAIN's tensors do not fit the plain reference: {first}", {})
-    x1 = run.inputs[1] if 1 in run.inputs else run.inputs[max(run.batch_sizes)][:1]
+    problem = _load_strict(run.arch, run.reference, plain_part)
+    if problem:
+        return StageResult("cost", "fail", 0.0, f"PLAIN's tensors do not fit the plain reference: {problem}", {})
+    reference_call = run.arch.runnable(run.reference)
+    x1 = run.inputs[1] if 1 in run.inputs else first_rows(run.inputs[max(run.batch_sizes)], 1)
     params = (cost.count_params(run.plain), cost.count_params(run.reference))
-    flops = (cost.count_flops(run.plain, x1), cost.count_flops(run.reference, x1))
+    flops = (cost.count_flops(run.plain_call, x1), cost.count_flops(reference_call, x1))
     graphs = None
     graph_skip = run.graph_skip if onnx_asked else "no --onnx given"
     note = run.arch.reference_note
@@ -236,9 +249,7 @@ def _stage_cost(
             note += "; reference graph: PLAIN's own export (same model class and configuration)"
             graphs = (summary, summary)
         else:
-            run.reference_graph = onnx_stage.export(
-                run.reference, run.inputs[max(run.batch_sizes)], tmp / "reference.onnx", opset=opset
-            )
+            run.reference_graph = run.export(reference_call, tmp / "reference.onnx", opset)
             graphs = (summary, onnx_stage.summarize_graph(run.reference_graph))
     return cost.cost_result(
         params=params,
@@ -304,7 +315,8 @@ def verify(
     `against`: the trained paired checkpoint it was folded from (enables the weights stage, which proves PLAIN
     bit-identical to its fold, or within `weights_ulps` units in the last place, and the fold stage; the onnx
     stage then compares ONNX Runtime with this unfolded model, the source of truth). `onnx`: True exports PLAIN to
-    a temp dir; a path to an existing `.onnx` is taken as is, a new path is exported there and kept. `arch`: "vit" or
+    a temp dir; a path to an existing `.onnx` is taken as is, a new path is exported there and kept. `arch`: "vit",
+    "hf" (the Hugging Face model of the `config.json` next to PLAIN, else next to PAIRED) or
     "package.module:factory". Raises `BadInputError` on bad input or options, before any expensive work.
     """
     started = time.perf_counter()
@@ -320,7 +332,7 @@ def verify(
         raise BadInputError(f"--weights-ulps {weights_ulps}: must be a whole number >= 0 (0: bit-identical)")
     if latency_runs < 1 or latency_warmup < 0:
         raise BadInputError("latency_runs must be >= 1 and latency_warmup >= 0")
-    architecture = arch if isinstance(arch, Arch) else load_arch(arch, heads)
+    architecture = arch if isinstance(arch, Arch) else load_arch(arch, heads, checkpoints=(plain, against))
     onnx_opt = check_onnx_option(onnx)
     given_inputs = read_inputs(inputs, sizes) if inputs is not None else None
 
@@ -339,12 +351,17 @@ def verify(
         stages = []
         if paired_ck is not None:
             stages.append(_timed("weights", lambda: check_weights(plain_ck, paired_ck, weights_ulps)))
-        stages.append(_timed("keys", lambda: check_keys(plain_shapes, _shapes(model.state_dict()), paired_shapes)))
-        problem = _load_strict(model, plain_part)
+
+        def keys() -> StageResult:
+            return check_keys(plain_shapes, _model_shapes(architecture, model, list(plain_shapes)), paired_shapes)
+
+        stages.append(_timed("keys", keys))
+        problem = _load_strict(architecture, model, plain_part)
         if problem:
             run.plain_skip = f"PLAIN does not load into the architecture (see keys): {problem}"
         else:
             run.plain = model.float().eval()
+            run.plain_call = architecture.runnable(run.plain)
         run.inputs = make_inputs(architecture, model, sizes, seed, given_inputs)
 
         def gated(name: str, fn: Callable[[], StageResult]) -> StageResult:
@@ -384,7 +401,9 @@ def verify(
         "batch_sizes": list(sizes),
         "seed": seed,
         "inputs_file": str(inputs) if inputs is not None else None,
-        "input_shapes": {str(b): list(x.shape) for b, x in run.inputs.items()},
+        "input_shapes": {str(b): list(x[0].shape) for b, x in run.inputs.items()},
+        "input_names": (architecture.graph_names(run.plain_call)[0] if run.plain_call is not None else None),
+        "all_input_shapes": {str(b): [list(t.shape) for t in x] for b, x in run.inputs.items()},
         "opset": opset,
         "dtype": dtype,
         "heads": heads,

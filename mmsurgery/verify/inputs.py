@@ -1,11 +1,13 @@
 """Options and inputs of a verify run, checked before anything expensive: batch sizes, the `--onnx` value,
 `--inputs FILE`, and the seeded example inputs (one fresh `torch.Generator().manual_seed(seed)` per batch size).
+A batch is a tuple of the forward's positional tensors (one for the built-in ViT; `input_ids` and
+`attention_mask` for a Hugging Face text model).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -14,9 +16,9 @@ from torch import Tensor, nn
 from mmsurgery.checkpoint import open_checkpoint
 from mmsurgery.errors import BadInputError
 from mmsurgery.verify import onnx_stage
-from mmsurgery.verify.arch import Arch
+from mmsurgery.verify.arch import Arch, Example
 
-__all__ = ["check_onnx_option", "make_inputs", "parse_batch_sizes", "read_inputs"]
+__all__ = ["as_args", "check_onnx_option", "first_rows", "make_inputs", "parse_batch_sizes", "read_inputs"]
 
 
 def parse_batch_sizes(value: Sequence[int] | str) -> tuple[int, ...]:
@@ -55,26 +57,42 @@ def check_onnx_option(onnx: str | os.PathLike[str] | bool | None) -> Path | bool
     return path
 
 
-def read_inputs(path: str | os.PathLike[str], batch_sizes: Sequence[int]) -> Tensor:
+def read_inputs(path: str | os.PathLike[str], batch_sizes: Sequence[int]) -> dict[str, Tensor]:
+    """Every tensor of an `--inputs` file (floating ones as float32); `input` must be there, and every tensor must
+    have at least the largest batch size as its first dimension. The architecture picks what it feeds
+    (`Arch.inputs_from_file`: `input`, and for `--arch hf` text models an optional `attention_mask`)."""
     p = Path(path)
     with open_checkpoint(p) as ck:  # any checkpoint format; a missing or damaged file is a BadInputError
         if "input" not in ck:
             raise BadInputError(f"--inputs {p}: no tensor named 'input' (found {sorted(ck.keys())[:5]})")
-        x = ck.get("input")
-    if x.ndim == 0 or x.shape[0] < max(batch_sizes):
-        raise BadInputError(
-            f"--inputs {p}: 'input' has shape {list(x.shape)}; its first (batch) dimension must be at least "
-            f"{max(batch_sizes)}, the largest --batch-sizes"
-        )
-    return x.float() if x.is_floating_point() else x
+        tensors = ck.to_state_dict()
+    for name, x in tensors.items():
+        if x.ndim == 0 or x.shape[0] < max(batch_sizes):
+            raise BadInputError(
+                f"--inputs {p}: {name!r} has shape {list(x.shape)}; its first (batch) dimension must be at least "
+                f"{max(batch_sizes)}, the largest --batch-sizes"
+            )
+    return {name: x.float() if x.is_floating_point() else x for name, x in tensors.items()}
+
+
+def as_args(x: Example) -> tuple[Tensor, ...]:
+    """One batch as the forward's positional tensors."""
+    return (x,) if isinstance(x, Tensor) else tuple(x)
+
+
+def first_rows(x: Sequence[Tensor], n: int) -> tuple[Tensor, ...]:
+    return tuple(t[:n].contiguous() for t in x)
 
 
 def make_inputs(
-    arch: Arch, model: nn.Module, batch_sizes: Sequence[int], seed: int, given: Tensor | None
-) -> dict[int, Tensor]:
+    arch: Arch, model: nn.Module, batch_sizes: Sequence[int], seed: int, given: Mapping[str, Tensor] | None
+) -> dict[int, tuple[Tensor, ...]]:
+    """batch size → the forward's positional tensors: the first rows of `given` (an `--inputs` file's tensors),
+    else the architecture's seeded `example_input` (a fresh generator seeded with `seed` per batch size)."""
     if given is not None:
-        return {b: given[:b].contiguous() for b in batch_sizes}
-    out: dict[int, Tensor] = {}
+        full = as_args(arch.inputs_from_file(model, given))
+        return {b: first_rows(full, b) for b in batch_sizes}
+    out: dict[int, tuple[Tensor, ...]] = {}
     for b in batch_sizes:
         x = arch.example_input(model, b, torch.Generator().manual_seed(seed))
         if x is None:
@@ -82,5 +100,5 @@ def make_inputs(
                 f"--arch {arch.name}: no example_input(batch_size, generator) on the model or its module; "
                 "define one or pass --inputs FILE (a safetensors file with a batch-first tensor named 'input')"
             )
-        out[b] = x
+        out[b] = as_args(x)
     return out

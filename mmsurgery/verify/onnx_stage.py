@@ -15,7 +15,7 @@ import os
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,32 +84,48 @@ def _quiet_exporter() -> Iterator[None]:
         logging.disable(disabled)
 
 
-def _input_name(model: nn.Module) -> str | None:
-    """The name of the forward's first parameter (`x` for the built-in ViT), or None for `*args` forwards."""
+def _dynamic_batch(model: nn.Module, count: int, batch: Any) -> Any:
+    """`dynamic_shapes` making dimension 0 of each of `count` positional inputs dynamic: keyed by the forward's
+    parameter names (`{"x": {0: batch}}` for the built-in ViT), one tuple for a `*inputs` forward, else positional."""
+    spec = {0: batch}
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
-        return None
-    if params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        return params[0].name
-    return None
+        params = []
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (tuple(spec for _ in range(count)),)
+    named = params[:count]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(named) == count and all(p.kind in positional for p in named):
+        return {p.name: spec for p in named}
+    return tuple(spec for _ in range(count))
 
 
-def export(model: nn.Module, example: Tensor, path: str | os.PathLike[str], *, opset: int) -> Path:
-    """`torch.onnx.export(dynamo=True)` with a dynamic batch dimension (1..1024), weights inside the file
-    (`external_data=False`, so under 2 GB), the given opset, and the exporter's chatter silenced."""
+def export(
+    model: nn.Module,
+    example: Tensor | Sequence[Tensor],
+    path: str | os.PathLike[str],
+    *,
+    opset: int,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> Path:
+    """`torch.onnx.export(dynamo=True)` with a dynamic batch dimension (1..1024) on every input, weights inside the
+    file (`external_data=False`, so under 2 GB), the given opset, and the exporter's chatter silenced. `example` is
+    one tensor or the forward's positional tensors; `input_names`/`output_names` name the graph's inputs/outputs."""
+    args = (example,) if isinstance(example, Tensor) else tuple(example)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    name = _input_name(model)
-    dynamic: Any = {name: {0: batch}} if name else ({0: batch},)
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(
             model,
-            (example,),
+            args,
             os.fspath(path),
             dynamo=True,
             opset_version=opset,
             external_data=False,
-            dynamic_shapes=dynamic,
+            dynamic_shapes=_dynamic_batch(model, len(args), batch),
+            input_names=list(input_names) if input_names else None,
+            output_names=list(output_names) if output_names else None,
             verbose=False,
         )
     return Path(path)
@@ -231,8 +247,10 @@ class OrtRunner:
             "intra_op_num_threads": options.intra_op_num_threads,  # 0: ORT's default (one per core)
         }
 
-    def __call__(self, x: Tensor) -> list[Tensor]:
-        if len(self.inputs) != 1:
-            raise ValueError(f"the graph has {len(self.inputs)} inputs {self.inputs}; verify feeds one")
-        outs = self.session.run(None, {self.inputs[0]: x.detach().cpu().contiguous().numpy()})
-        return [torch.from_numpy(o) for o in outs]
+    def __call__(self, x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+        """Feed one tensor, or the forward's positional tensors in the graph's input order."""
+        xs = (x,) if isinstance(x, Tensor) else tuple(x)
+        if len(self.inputs) != len(xs):
+            raise ValueError(f"the graph has {len(self.inputs)} inputs {self.inputs}; verify feeds {len(xs)}")
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.inputs, xs, strict=True)}
+        return [torch.from_numpy(o) for o in self.session.run(None, feed)]
