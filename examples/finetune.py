@@ -1,11 +1,16 @@
 """Fine-tune a paired checkpoint with the Multimodal Pathway on scikit-learn's digits (CPU is enough).
 
-A paired checkpoint (safetensors, sharded, or a `.pt` as training code saves it) holds the target ViT's timm keys plus `P.aux_weight` and
+Two kinds of input. A paired Hugging Face model folder (`mmsurgery pair vit_folder/ aux` writes `vit_folder.paired/`)
+trains the `AutoModelForImageClassification` its `config.json` names and writes a model folder (on-disk names,
+config with 10 labels, the input's processor files), which `mmsurgery fold` turns into a folder `from_pretrained`
+loads. Any other paired checkpoint trains the built-in ViT:
+a paired checkpoint (safetensors, sharded, or a `.pt` as training code saves it) holds the target ViT's timm keys plus `P.aux_weight` and
 `P.cross_modal_scale` per pathway linear; its metadata may hold the ViT config as JSON under `mmsurgery.vit`.
 A head of the wrong size (or none) is replaced by a fresh 10-class head. The trained paired checkpoint keeps
 the input's metadata (with the config updated) and can be folded into a plain ViT afterwards.
 
     python examples/finetune.py paired.safetensors --out trained.safetensors --epochs 3
+    python examples/finetune.py vit.paired/ --out vit.trained/ --epochs 3      # a Hugging Face model folder
     torchrun --standalone --nproc_per_node=2 examples/finetune.py paired.safetensors --out trained.safetensors
 """
 
@@ -28,15 +33,18 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 
 from mmsurgery.checkpoint import open_checkpoint, write_safetensors
 from mmsurgery.data.digits import NUM_CLASSES, load_digits_tensors
-from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, ViTConfig, config_from_state_dict
+from mmsurgery.hf import model_folder, to_disk_names, to_model_names
+from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, config_from_state_dict
 from mmsurgery.pathway import attach, param_groups, scales, split_paired
 from mmsurgery.training import accuracy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("paired", type=Path, help="paired checkpoint (.safetensors)")
-    p.add_argument("--out", type=Path, required=True, help="where to write the trained paired checkpoint")
+    p.add_argument(
+        "paired", type=Path, help="paired checkpoint (.safetensors, ...) or paired Hugging Face model folder"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the trained paired checkpoint (a folder for an HF input)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -68,6 +76,56 @@ def build_model(
     return model
 
 
+class HFClassifier(nn.Module):
+    """A Hugging Face image classifier as `images -> logits`, so the loop and `accuracy` treat it like the ViT."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def build_hf_model(folder: Path, state: dict[str, torch.Tensor], aux_frozen: bool, log) -> HFClassifier:
+    """The classifier of the folder's config with a fresh 10-class head, the pathway attached (the file's on-disk
+    names converted to the model's), then every tensor of the file loaded strictly except the head."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(folder)
+    if not hasattr(config, "image_size"):
+        raise SystemExit(f"{folder}: config.json describes a {config.model_type!r} model, not an image model")
+    config.num_labels = NUM_CLASSES
+    model = AutoModelForImageClassification.from_config(config)
+    attach(model, split_paired(state)[1], aux_trainable=not aux_frozen)
+    named = to_model_names(model, state)
+    own = model.state_dict()
+    fresh = [k for k, v in own.items() if k not in named or named[k].shape != v.shape]
+    unused = [k for k in named if k not in own]  # e.g. a base ViTModel's pooler, which a classifier does not have
+    log(f"fresh: {', '.join(fresh) or 'none'}; not used: {', '.join(unused) or 'none'}")
+    named = {k: v for k, v in named.items() if k in own} | {k: own[k].detach().clone() for k in fresh}
+    model.load_state_dict(named, strict=True)
+    return HFClassifier(model)
+
+
+def save_hf(model: HFClassifier, source: Path, out: Path) -> None:
+    """A model folder in one atomic publish: the weights under the names `save_pretrained` writes (pathway keys
+    included), the updated `config.json`, and the input folder's other carried files (processor, ...)."""
+    import tempfile
+
+    state = model.model.state_dict()
+    disk = to_disk_names(model.model, list(state))
+    folder = model_folder(source)
+    extras = dict(folder.extra_files()) if folder is not None else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.to_json_file(Path(tmp) / "config.json")
+        extras["config.json"] = Path(tmp) / "config.json"
+        tensors = {disk[k]: v for k, v in state.items()}
+        write_safetensors(f"{out}{os.sep}", tensors, metadata={"format": "pt"}, force=True, inputs=[source],
+                          extra_files=extras)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -78,11 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     torch.manual_seed(args.seed)  # the same fresh head on every rank
-    with open_checkpoint(args.paired) as ck:  # safetensors, shards, or a .pt as training code saves it
+    with open_checkpoint(args.paired) as ck:  # safetensors, shards, a model folder, or a .pt as training saves it
         state, metadata = ck.to_state_dict(), dict(ck.metadata)
-    model = build_model(state, metadata, args.num_heads, args.aux_frozen)
-    config: ViTConfig = model.config
-    splits = load_digits_tensors(config.img_size, config.in_chans, split_seed=args.split_seed)
+    hf = model_folder(args.paired) is not None
+    if hf:
+        model: nn.Module = build_hf_model(args.paired, state, args.aux_frozen, log)
+        size, chans = model.config.image_size, model.config.num_channels
+    else:
+        model = build_model(state, metadata, args.num_heads, args.aux_frozen)
+        size, chans = model.config.img_size, model.config.in_chans
+    config = model.config
+    splits = load_digits_tensors(size, chans, split_seed=args.split_seed)
     train = splits.train if args.train_limit is None else Subset(splits.train, range(args.train_limit))
     if distributed:
         sampler: DistributedSampler | RandomSampler = DistributedSampler(train, world, rank, seed=args.seed)
@@ -94,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         param_groups(model, args.weight_decay, lr=args.lr, scale_lr_mult=args.scale_lr_mult), lr=args.lr
     )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{config}\n{len(scales(model))} pathways, {n_trainable:,} trainable parameters, {world} process(es)")
+    desc = f"{type(model.model).__name__}, {config.num_hidden_layers} layers" if hf else str(config)
+    log(f"{desc}\n{len(scales(model))} pathways, {n_trainable:,} trainable parameters, {world} process(es)")
 
     for epoch in range(1, args.epochs + 1):
         if isinstance(sampler, DistributedSampler):
@@ -118,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     log(f"test_acc {accuracy(model, splits.test):.3f}")
 
-    if rank == 0:
+    if rank == 0 and hf:
+        save_hf(model, args.paired, args.out)
+        log(f"saved {args.out}{os.sep}")
+    elif rank == 0:
         out_meta = {**metadata, METADATA_KEY: json.dumps(config.to_dict())}
         write_safetensors(args.out, model.state_dict(), metadata=out_meta, force=True, inputs=[args.paired])
         log(f"saved {args.out}")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from mmsurgery.data.digits import load_digits_tensors
 from mmsurgery.models.vit import METADATA_KEY
+from mmsurgery.pathway import pathway_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "finetune.py"
@@ -98,3 +99,49 @@ def test_finetune_under_torchrun(tmp_path: Path) -> None:
     trained = load_file(str(out))
     assert trained["head.weight"].shape == (10, 32)
     assert all(v.abs().item() > 0 for k, v in trained.items() if k.endswith("cross_modal_scale"))
+
+
+@pytest.mark.slow
+def test_finetune_a_hugging_face_paired_folder_then_fold_it(tmp_path: Path, minilm_path: Path) -> None:
+    """The HF path end to end, as a user runs it: a `save_pretrained` ViTModel folder (no head) with its image
+    processor -> `mmsurgery pair` -> `vit.paired/` -> the example trains a 10-class classifier and writes
+    `trained/` -> `mmsurgery fold` -> `trained.plain/`, which `from_pretrained` loads strictly and which computes
+    what the trained pathway model computed."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
+                                 intermediate_size=1536, image_size=16, patch_size=4)  # fmt: skip
+    transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    script = Path(sys.executable).with_name("mmsurgery")
+
+    def run(*args: object) -> None:
+        r = subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    run("pair", tmp_path / "vit", minilm_path)
+    assert (tmp_path / "vit.paired" / "preprocessor_config.json").is_file()
+    example = _example()
+    common = ["--epochs", "1", "--batch-size", "64", "--train-limit", "128", "--lr", "3e-3"]
+    assert example.main([str(tmp_path / "vit.paired"), "--out", str(tmp_path / "trained"), *common]) == 0
+    trained = load_file(str(tmp_path / "trained" / "model.safetensors"))
+    lambdas = [v for k, v in trained.items() if k.endswith("cross_modal_scale")]
+    assert len(lambdas) == 12 and all(v.abs().item() > 0 for v in lambdas)  # q k v o fc1 fc2 × 2 blocks
+    assert "vit.encoder.layer.0.attention.attention.query.aux_weight" in trained
+    assert json.loads((tmp_path / "trained" / "config.json").read_text())["architectures"] is not None
+    assert (tmp_path / "trained" / "preprocessor_config.json").is_file()
+
+    run("fold", tmp_path / "trained")
+    folded = transformers.ViTForImageClassification.from_pretrained(tmp_path / "trained.plain")
+    assert folded.config.num_labels == 10
+    # The trained model, rebuilt the way the example builds it, against the folded one. Tolerance 1e-5: the folded
+    # weights are W + λ·W_aux exactly (foldmath), so only the float32 matmul order can differ; the pathway's own
+    # effect on the logits is far larger (asserted).
+    model = example.build_hf_model(tmp_path / "trained", dict(trained), aux_frozen=False, log=lambda *_: None)
+    x = load_digits_tensors(16, 3).test.tensors[0][:8]
+    with torch.no_grad():
+        want, got = model(x), folded(pixel_values=x).logits
+        for pw in pathway_modules(model).values():
+            pw.cross_modal_scale.zero_()
+        without = model(x)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (without - want).abs().max().item() > 1e-4
