@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from mmsurgery import __version__
+from mmsurgery.checkpoint.dtypes import FOLD_DTYPES
 from mmsurgery.errors import BadInputError, MMSurgeryError
 
 app = typer.Typer(
@@ -173,7 +174,7 @@ def fold(
         typer.Option(
             "--dtype",
             help="keep, float32, bfloat16 or float16.",
-            autocompletion=_choices("keep", "float32", "bfloat16", "float16"),
+            autocompletion=_choices(*FOLD_DTYPES),
         ),
     ] = "keep",
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,

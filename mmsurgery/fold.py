@@ -17,6 +17,7 @@ from typing import Any
 
 from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FLOATING
+from mmsurgery.checkpoint.dtypes import FOLD_DTYPES as DTYPES
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult, is_folder_output
@@ -28,7 +29,6 @@ from mmsurgery.paired_format import AUX_SUFFIX, FORMAT_KEY, SCALE_SUFFIX, VERSIO
 FOLDED_FORMAT = "folded/1"
 SCALES_KEY = "mmsurgery.scales"
 SOURCE_KEY = "mmsurgery.source_sha256"
-DTYPES = ("keep", "float32", "bfloat16", "float16")
 
 __all__ = ["DTYPES", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
 

@@ -32,3 +32,7 @@ FLOATING = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3f
 def torch_dtype_name(dtype: object) -> str:
     """`torch.float32` -> `"float32"` without importing torch here."""
     return str(dtype).removeprefix("torch.")
+
+
+# What `fold --dtype` (and verify's weights stage) may cast floating-point tensors to; "keep" leaves them as stored.
+FOLD_DTYPES = ("keep", "float32", "bfloat16", "float16")
