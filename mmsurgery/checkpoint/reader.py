@@ -318,9 +318,11 @@ class _DictLoader(_Loader):
 
 def open_checkpoint(path: str | os.PathLike[str], key: str | None = None) -> Checkpoint:
     """Open a checkpoint: a `.safetensors` file, a sharded set (its index file or folder), a folder holding
-    one model file, or a `.pt/.pth/.bin/.ckpt` pickle (see docs/formats.md for the precedence).
+    one model file, a `.pt/.pth/.bin/.ckpt` pickle, or a `torch.distributed.checkpoint` folder (`checkpoint.dcp`;
+    see docs/formats.md for the precedence).
 
-    `key` picks the wrapper entry of a pickle (`/` for nesting). Raises `BadInputError` on anything unreadable.
+    `key` picks the wrapper entry of a pickle or DCP folder (`/` for nesting). Raises `BadInputError` on anything
+    unreadable.
     """
     p = Path(path)
     if "\x00" in str(p):  # os functions raise ValueError on it: no file can have that name
@@ -338,6 +340,12 @@ def open_checkpoint(path: str | os.PathLike[str], key: str | None = None) -> Che
 def _open(p: Path, key: str | None) -> Checkpoint:
     if not p.exists():
         raise BadInputError(f"{p}: no such file or folder")
+    if p.is_dir() or p.name == ".metadata":  # a torch.distributed.checkpoint folder, or its metadata file
+        from mmsurgery.checkpoint import dcp
+
+        folder = p if p.is_dir() else p.parent
+        if dcp.is_dcp_folder(folder):
+            return dcp.open_dcp(folder, key)
     if p.is_dir():
         p = _weights_in_folder(p)
     if p.name.endswith(".index.json"):
