@@ -27,7 +27,9 @@ def _complete(words: str, cword: int, shell: str = "bash") -> list[str]:
 
 
 def test_show_completion_prints_a_bash_script() -> None:
-    r = subprocess.run([str(SCRIPT), "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    """The shell is detected from the parent process (shellingham), as when a user types it in bash."""
+    cmd = ["bash", "-c", f"'{SCRIPT}' --show-completion; exit $?"]  # not exec'd: bash stays the parent
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "_mmsurgery_completion" in r.stdout and "complete_bash" in r.stdout
 
