@@ -20,10 +20,10 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES as DTYPES
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
-from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult, is_folder_output
+from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
-from mmsurgery.hf import model_folder
+from mmsurgery.hf import output_for
 from mmsurgery.paired_format import AUX_SUFFIX, FORMAT_KEY, SCALE_SUFFIX, VERSION_KEY, pathway_layers, read_scales
 
 FOLDED_FORMAT = "folded/1"
@@ -149,7 +149,6 @@ def fold_file(
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
     """
     _check_dtype(dtype)
-    folder = model_folder(paired)
     with open_checkpoint(paired, key=key) as ck:
         hashing = HashJob(ck.files, opener=ck.open_pinned)  # on the other core, while the tensors stream
         source = plain_tensors(ck, dtype)
@@ -163,14 +162,7 @@ def fold_file(
             SOURCE_KEY: hashing.placeholder,
             SCALES_KEY: json.dumps(source.scales, separators=(",", ":")),
         }
-        dest: str | os.PathLike[str]
-        if out is not None:
-            dest = out  # a str keeps a trailing `/`
-        elif folder is not None:
-            dest = f"{folder.sibling('.plain', replaces='.paired')}{os.sep}"
-        else:
-            dest = default_output(ck.path)
-        extra_files = folder.extra_files() if folder is not None and is_folder_output(dest) else None
+        dest, extra_files = output_for(out, paired, default_output(ck.path), ".plain", replaces=".paired")
         with SafetensorsWriter(
             dest,
             source.specs,

@@ -94,6 +94,29 @@ def model_folder(path: str | os.PathLike[str]) -> ModelFolder | None:
     return ModelFolder(p, carried)
 
 
+def output_for(
+    out: str | os.PathLike[str] | None,
+    source: str | os.PathLike[str],
+    default: Path,
+    suffix: str,
+    *,
+    replaces: str = "",
+) -> tuple[str | os.PathLike[str], dict[str, Path] | None]:
+    """Where `pair`/`fold` write, and the files that go along: `out` as given (a str keeps a trailing `/`); else,
+    for a model folder `source`, its sibling folder (`ModelFolder.sibling(suffix, replaces=...)`); else `default`.
+    The second item is the source folder's carried files when the output is a folder, else None."""
+    from mmsurgery.checkpoint.writer import is_folder_output
+
+    folder = model_folder(source)
+    if out is not None:
+        dest: str | os.PathLike[str] = out
+    elif folder is not None:
+        dest = f"{folder.sibling(suffix, replaces=replaces)}{os.sep}"
+    else:
+        dest = default
+    return dest, folder.extra_files() if folder is not None and is_folder_output(dest) else None
+
+
 def is_hf_model(model: nn.Module) -> bool:
     """Whether `model` is a transformers `PreTrainedModel` (without importing transformers if it is not loaded)."""
     import sys

@@ -21,7 +21,7 @@ from typing import Any
 
 from mmsurgery.checkpoint.dcp_metadata import METADATA_NAME, DcpChunk, DcpLayout, DcpTensor, _brief, parse_metadata
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, _Loader, _naming, _os_error, _Pin, _Pins
+from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, _naming, _os_error, _Pin, _PinnedLoader, _Pins
 from mmsurgery.errors import BadInputError
 
 __all__ = ["DCP_FORMAT", "SUFFIX", "is_dcp_folder", "open_dcp"]
@@ -216,7 +216,7 @@ class _Slice(io.RawIOBase):
         return self._pos
 
 
-class _DcpLoader(_Loader):
+class _DcpLoader(_PinnedLoader):
     def __init__(self, folder: Path, tensors: dict[str, DcpTensor], pins: _FilePins) -> None:
         self._folder = folder
         self._tensors = tensors
@@ -260,12 +260,3 @@ class _DcpLoader(_Loader):
                 f"{METADATA_NAME} says {t.dtype} {list(c.sizes)}"
             )
         return value if value.is_contiguous() else value.contiguous()
-
-    def pinned_size(self, file: Path) -> int | None:
-        return self._pins.size(file)
-
-    def open_pinned(self, file: Path) -> int | None:
-        return self._pins.dup(file)
-
-    def close(self) -> None:
-        self._pins.close()

@@ -152,7 +152,22 @@ class _Loader:
         pass
 
 
-class _SafetensorsLoader(_Loader):
+class _PinnedLoader(_Loader):
+    """A loader whose files `_Pins` holds open from `open_checkpoint` to `close`."""
+
+    _pins: _Pins
+
+    def pinned_size(self, file: Path) -> int | None:
+        return self._pins.size(file)
+
+    def open_pinned(self, file: Path) -> int | None:
+        return self._pins.dup(file)
+
+    def close(self) -> None:
+        self._pins.close()
+
+
+class _SafetensorsLoader(_PinnedLoader):
     """Reads each tensor with `pread` into a fresh, owned buffer, at the offsets the validated header gives.
 
     Not memory-mapped on purpose: a streamed command's resident memory stays near the tensors it holds (mapped
@@ -194,15 +209,6 @@ class _SafetensorsLoader(_Loader):
             return decode_floats(raw, entry.dtype)
         except BadInputError as e:
             raise BadInputError(f"{file}: tensor {name!r}: {e}") from None
-
-    def pinned_size(self, file: Path) -> int | None:
-        return self._pins.size(file)
-
-    def open_pinned(self, file: Path) -> int | None:
-        return self._pins.dup(file)
-
-    def close(self) -> None:
-        self._pins.close()
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ from typing import Any
 
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import open_checkpoint
-from mmsurgery.checkpoint.writer import is_folder_output
 from mmsurgery.errors import BadInputError
-from mmsurgery.hf import model_folder
+from mmsurgery.hf import output_for
 from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_map
 from mmsurgery.pairing.paired import PairedWrite, default_output, write_paired
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
@@ -83,15 +82,7 @@ def pair(
             HashJob(a.files, 1, a.open_pinned),
         )  # hashed on the other core while tensors stream
         plan = align(t, a, digests=(jobs[0].placeholder, jobs[1].placeholder), **options)
-        folder = model_folder(target)
-        dest: str | os.PathLike[str]
-        if out is not None:
-            dest = out  # a str keeps a trailing `/`
-        elif folder is not None:
-            dest = f"{folder.sibling('.paired')}{os.sep}"
-        else:
-            dest = default_output(t.path)
-        extra_files = folder.extra_files() if folder is not None and is_folder_output(dest) else None
+        dest, extra_files = output_for(out, target, default_output(t.path), ".paired")
         digests = {job.placeholder: job for job in jobs}
         written = write_paired(
             plan,
