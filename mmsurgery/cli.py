@@ -159,7 +159,7 @@ def pair(
         data["output"] = str(result.output) if result.output else None
         print(json.dumps(data, indent=2))
         return
-    _stdout().print(render.plan(result.plan, result.output))
+    _stdout().print(render.plan(result.plan, result.output, result.written.result if result.written else None))
 
 
 @app.command()

@@ -14,6 +14,7 @@ from rich.text import Text
 # Types only: importing mmsurgery.fold or mmsurgery.verify loads torch, and `inspect` on a safetensors file
 # must not (tests/test_cli_inspect.py runs the console script and checks).
 if TYPE_CHECKING:
+    from mmsurgery.checkpoint.writer import WriteResult
     from mmsurgery.describe import Description
     from mmsurgery.fold import FoldResult
     from mmsurgery.pairing.plan import Plan
@@ -153,7 +154,17 @@ def keys(names: tuple[str, ...] | list[str]) -> str:
     return ".".join([*parts[0][:head], "{" + ",".join(middles) + "}", *parts[0][len(parts[0]) - tail :]])
 
 
-def plan(p: Plan, output: object = None) -> Group:
+def wrote(output: object, written: WriteResult | None = None) -> str:
+    """`wrote OUT`; for a model folder also what it holds: `wrote vit.paired/ (model.safetensors, config.json, ...)`."""
+    if written is None or not written.extra_files:
+        return escape_controls(f"wrote {output}")
+    weights = [written.index.name] if written.index else [f.name for f in written.files]
+    weights[1:] = [f"{len(written.files)} shards"] if written.index else []
+    names = ", ".join([*weights, *(f.name for f in written.extra_files)])
+    return escape_controls(f"wrote {output}/ ({names})")
+
+
+def plan(p: Plan, output: object = None, written: WriteResult | None = None) -> Group:
     table = Table(show_edge=False)
     for col in ("target layer", "aux layer", "transform", "shape", "status"):
         table.add_column(col)
@@ -198,7 +209,7 @@ def plan(p: Plan, output: object = None) -> Group:
     for w in p.warnings:
         parts.append(Text(escape_controls(f"warning: {w}"), style="yellow"))
     parts.append(Text(p.summary, style="bold"))
-    parts.append(Text(escape_controls(f"wrote {output}") if output else "dry run: nothing written", style="dim"))
+    parts.append(Text(wrote(output, written) if output else "dry run: nothing written", style="dim"))
     return Group(*parts)
 
 
@@ -252,7 +263,7 @@ def fold_result(r: FoldResult) -> Text:
     return Text.assemble(
         (f"folded {len(r.scales)} pathways", "bold"),
         f" (λ {lam}{more}) into {r.num_tensors} plain tensors, {size}\n",
-        escape_controls(f"wrote {r.output}") + f"\nsource sha256 {r.sha256}",
+        wrote(r.output, r.written) + f"\nsource sha256 {r.sha256}",
     )
 
 

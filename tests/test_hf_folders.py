@@ -116,7 +116,7 @@ def trained(tmp_path_factory, minilm_path) -> dict[str, object]:
 @pytest.mark.slow
 def test_pair_writes_a_model_folder_beside_the_input(trained) -> None:
     root: Path = trained["root"]
-    assert "wrote vit.paired" in trained["pair"].stdout
+    assert "wrote vit.paired/ (model.safetensors, config.json, preprocessor_config.json)" in trained["pair"].stdout
     out = root / "vit.paired"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     for name in ("config.json", "preprocessor_config.json"):
