@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler)
     net: nn.Module = DistributedDataParallel(model) if distributed else model
     opt = torch.optim.AdamW(
-        param_groups(model, args.weight_decay, lr=args.lr, scale_lr_mult=args.scale_lr_mult), lr=args.lr
+        param_groups(model, args.weight_decay, lr=args.lr, scale_lr_mult=args.scale_lr_mult), lr=args.lr, fused=True
     )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     desc = f"{type(model.model).__name__}, {config.num_hidden_layers} layers" if hf else str(config)

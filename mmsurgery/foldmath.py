@@ -7,6 +7,8 @@ training forward; for float32 weights the two agree bit for bit, which is what m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -28,8 +30,54 @@ def effective_weight(weight: Tensor, scale: Tensor, aux_weight: Tensor) -> Tenso
     No float32 upcast, so autocast and low-precision training see the dtype they expect and autograd reaches
     all three inputs. λ is usually kept in float32 for precise optimizer updates; it is cast to the weight's
     dtype here (a no-op for float32).
+
+    Where all three share one dtype (float32 training) this runs as one `autograd.Function`: the forward is the
+    same two roundings as `fold_weight` (`λ·W_aux`, then `+ W`, added in place into the product: addition
+    commutes, so the bits are the same) and keeps no extra tensor; the backward passes ∂W = G through without a
+    copy, computes ∂λ = Σ G⊙W_aux as one dot product (no weight-sized temporary) and ∂W_aux = λ·G only when
+    W_aux trains — a frozen W_aux gets no gradient and costs no weight-sized pass in the backward. Otherwise
+    (bf16/fp16 weights with a float32 λ, tensor subclasses) it is the plain autograd expression.
     """
+    if _fast_path(weight, scale, aux_weight):
+        return _PathwayWeight.apply(weight, scale, aux_weight)
     return weight + scale.to(weight.dtype) * aux_weight
+
+
+def _fast_path(weight: Tensor, scale: Tensor, aux_weight: Tensor) -> bool:
+    plain = (Tensor, torch.nn.Parameter)
+    return (
+        type(weight) in plain
+        and type(scale) in plain
+        and type(aux_weight) in plain
+        and weight.dtype == scale.dtype == aux_weight.dtype
+        and scale.numel() == 1
+        and weight.shape == aux_weight.shape
+    )
+
+
+class _PathwayWeight(torch.autograd.Function):
+    """`W + λ·W_aux` with its three gradients computed in as few weight-sized passes as the math allows."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight: Tensor, scale: Tensor, aux_weight: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.mul(scale, aux_weight).add_(weight)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        _weight, scale, aux_weight = inputs
+        ctx.save_for_backward(scale, aux_weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        scale, aux_weight = ctx.saved_tensors
+        need_weight, need_scale, need_aux = ctx.needs_input_grad
+        grad_scale = None
+        if need_scale:
+            grad_scale = torch.dot(grad.reshape(-1), aux_weight.reshape(-1)).reshape(scale.shape)
+        grad_aux = grad * scale if need_aux else None
+        return (grad if need_weight else None), grad_scale, grad_aux
 
 
 def fold_weight(
@@ -40,7 +88,8 @@ def fold_weight(
     The expression and its order match `effective_weight` so that for float32 weights the folded weight is
     bit-identical to the one the unfolded forward uses. Inputs are never modified (they may be mmap-backed);
     a new tensor is returned, or `out` (a float32 tensor of the weight's shape, reused by the streaming fold to
-    avoid fresh allocations). Raises `FoldError` naming `name` for a non-finite λ, a non-finite result, or a
+    avoid fresh allocations; it may be `aux_weight` itself when the caller owns that buffer: the product is
+    computed elementwise in place, the same bits). Raises `FoldError` naming `name` for a non-finite λ, a non-finite result, or a
     result that overflows the stored dtype.
     """
     label = name or "layer"

@@ -28,6 +28,7 @@ class TrainConfig:
     scale_lr_mult: float = 1.0  # λ's learning rate = lr × this (1.0: the paper's setting)
     warmup_fraction: float = 0.1  # linear warm-up, then cosine decay to 0
     seed: int = 0
+    fused: bool = True  # torch's fused AdamW: one kernel over all tensors, so a trainable W_aux costs ~nothing
 
 
 def train_classifier(
@@ -36,7 +37,12 @@ def train_classifier(
     config: TrainConfig,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> list[float]:
-    """Train with AdamW + warm-up/cosine; returns the loss of every step. `on_step(step, total, loss)`."""
+    """Train with AdamW + warm-up/cosine; returns the loss of every step. `on_step(step, total, loss)`.
+
+    AdamW is torch's fused implementation unless `config.fused` is False (a device without it): the per-tensor
+    default loops over every parameter in Python, which makes the doubled parameter count of a trainable W_aux
+    show in the step time (docs/benchmarks.md, training overhead).
+    """
     loader = DataLoader(
         train,
         batch_size=config.batch_size,
@@ -46,7 +52,7 @@ def train_classifier(
     total = config.epochs * len(loader)
     warmup = max(1, int(config.warmup_fraction * total))
     groups = param_groups(model, config.weight_decay, lr=config.lr, scale_lr_mult=config.scale_lr_mult)
-    opt = torch.optim.AdamW(groups, lr=config.lr)
+    opt = torch.optim.AdamW(groups, lr=config.lr, fused=config.fused or None)
 
     def factor(step: int) -> float:
         if step < warmup:
