@@ -7,16 +7,17 @@ other tensor is copied as it is. Memory stays near the largest tensor; the write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmsurgery import __version__
-from mmsurgery.checkpoint.dtypes import FLOATING
+from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES as DTYPES
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
@@ -30,7 +31,7 @@ FOLDED_FORMAT = "folded/1"
 SCALES_KEY = "mmsurgery.scales"
 SOURCE_KEY = "mmsurgery.source_sha256"
 
-__all__ = ["DTYPES", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
+__all__ = ["DTYPES", "FoldBuffers", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
 
 
 @dataclass(frozen=True)
@@ -90,15 +91,26 @@ class PlainTensors:
         cast = self.dtype != "keep" and info.dtype in FLOATING
         return TensorInfo(info.name, self.dtype if cast else info.dtype, info.shape)
 
-    def tensor(self, name: str) -> Any:
+    def tensor(self, name: str, buffers: FoldBuffers | None = None) -> Any:
         """The output tensor `name`: `fold_weight(W, λ, W_aux)` for a pathway weight, the input tensor for every
-        other one; cast to the output dtype. Raises `FoldError` for a non-finite fold or an overflowing cast."""
+        other one; cast to the output dtype. Raises `FoldError` for a non-finite fold or an overflowing cast.
+
+        With `buffers` (the streaming fold's) the inputs are read into them and a float32 fold is computed in
+        place in W_aux's buffer, so the result is a view of `buffers`, valid until the next call; the values are
+        the same bits either way (elementwise operations, the same two roundings)."""
         import torch
 
-        t = self.ck.get(name)
         p = self._folded.get(name)
-        if p is not None:
-            t = fold_weight(t, self.ck.get(f"{p}.{SCALE_SUFFIX}"), self.ck.get(f"{p}.{AUX_SUFFIX}"), name=p)
+        if buffers is None:
+            t = self.ck.get(name)
+            if p is not None:
+                t = fold_weight(t, self.ck.get(f"{p}.{SCALE_SUFFIX}"), self.ck.get(f"{p}.{AUX_SUFFIX}"), name=p)
+        else:
+            t = self.ck.read_into(name, buffers.a)
+            if p is not None:
+                aux = self.ck.read_into(f"{p}.{AUX_SUFFIX}", buffers.b)
+                out = aux if aux.dtype == torch.float32 and aux.shape == t.shape else None
+                t = fold_weight(t, self.ck.get(f"{p}.{SCALE_SUFFIX}"), aux, name=p, out=out)
         if self.dtype != "keep" and t.is_floating_point():
             out_dtype = getattr(torch, self.dtype)
             if t.dtype != out_dtype:
@@ -106,6 +118,22 @@ class PlainTensors:
                 if not torch.isfinite(t).all():
                     raise FoldError(f"{name}: does not fit in {self.dtype} (overflow); use --dtype keep or float32")
         return t
+
+    def buffers(self) -> FoldBuffers:
+        """Two reusable read buffers, each the size of the largest input tensor, for `tensor(name, buffers)`."""
+        import torch
+
+        largest = max((i.numel * ITEMSIZE[i.dtype] for i in self.ck.infos.values()), default=0)
+        return FoldBuffers(torch.empty(largest, dtype=torch.uint8), torch.empty(largest, dtype=torch.uint8))
+
+
+@dataclass(frozen=True)
+class FoldBuffers:
+    """Reused buffers of a streaming fold: `a` receives W (or a pass-through tensor), `b` receives W_aux and,
+    for float32, the folded result."""
+
+    a: Any
+    b: Any
 
 
 def _check_dtype(dtype: str) -> None:
@@ -124,6 +152,22 @@ def plain_tensors(ck: Checkpoint, dtype: str = "keep") -> PlainTensors:
     if bad:
         raise FoldError(f"{bad[0]}: cross_modal_scale is {scales[bad[0]]}; refusing to fold ({len(bad)} layer(s))")
     return PlainTensors(ck, layers, scales, dtype)
+
+
+@contextlib.contextmanager
+def _leave_a_core(hashing: HashJob) -> Iterator[None]:
+    """One torch thread fewer while the sha256 runs on its own thread: on a 2-core machine two OpenMP threads
+    beside the hash thread stall each elementwise fold on the preempted one (the arithmetic took 2.5× as long)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads > 1 and hashing.running:
+        torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def fold_file(
@@ -173,8 +217,10 @@ def fold_file(
             extra_files=extra_files,
             on_progress=on_progress,
         ) as w:
-            for s in source.specs:
-                w.write(s.name, source.tensor(s.name))
+            buffers = source.buffers()
+            with _leave_a_core(hashing):
+                for s in source.specs:
+                    w.write(s.name, source.tensor(s.name, buffers))
             digest = hashing.result()
             written = w.commit(patch={hashing.placeholder: digest})
         output = written.path.parent if extra_files is not None else written.path

@@ -28,7 +28,7 @@ def sha256_of(files: Sequence[Path], opener: Opener | None = None) -> str:
             fd = os.open(f, os.O_RDONLY)
         try:
             offset = 0
-            while chunk := os.pread(fd, 1 << 23, offset):
+            while chunk := os.pread(fd, 1 << 20, offset):
                 h.update(chunk)
                 offset += len(chunk)
         finally:
@@ -55,6 +55,10 @@ class HashJob:
             self._result = sha256_of(files, self._opener)
         except BaseException as e:  # re-raised in the caller's thread by result()
             self._error = e
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def result(self) -> str:
         self._thread.join()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from mmsurgery.checkpoint.dtypes import FLOATING, torch_dtype_name
+from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE, torch_dtype_name
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
 from mmsurgery.checkpoint.safetensors_header import SafetensorsHeader, decode_floats, read_header
 from mmsurgery.errors import BadInputError
@@ -92,6 +92,18 @@ class Checkpoint:
             raise KeyError(name)
         return self._loader.get(name)
 
+    def read_into(self, name: str, buf: Any) -> Any:
+        """The tensor `name` read into `buf` (a 1-D uint8 tensor of at least its size, owned by the caller and
+        reused across calls so a streamed command touches no fresh memory per tensor): a view of `buf` with the
+        tensor's dtype and shape, valid until `buf` is written again."""
+        if name not in self.infos:
+            raise KeyError(name)
+        info = self.infos[name]
+        n = info.numel * ITEMSIZE[info.dtype]
+        if buf.numel() < n:
+            raise ValueError(f"{name}: a {n}-byte tensor does not fit a {buf.numel()}-byte buffer")
+        return self._loader.read_into(name, buf[:n])
+
     def read_floats(self, name: str) -> list[float]:
         """Values of a small floating-point tensor (λ), without importing torch for safetensors files."""
         if name not in self.infos:
@@ -136,6 +148,13 @@ class Checkpoint:
 class _Loader:
     def get(self, name: str) -> Any:
         raise NotImplementedError
+
+    def read_into(self, name: str, buf: Any) -> Any:
+        """`get(name)` copied into `buf` (exactly its size, uint8), returned as a typed view of it."""
+        t = self.get(name)
+        view = buf.view(t.dtype).reshape(t.shape)
+        view.copy_(t)
+        return view
 
     def read_floats(self, name: str) -> list[float]:
         return [float(v) for v in self.get(name).double().reshape(-1).tolist()]  # exact for every float dtype
@@ -189,9 +208,14 @@ class _SafetensorsLoader(_PinnedLoader):
     def get(self, name: str) -> Any:
         import torch
 
+        _header, entry, _file = self._read(name)
+        return self.read_into(name, torch.empty(entry.end - entry.begin, dtype=torch.uint8))
+
+    def read_into(self, name: str, buf: Any) -> Any:
+        import torch
+
         header, entry, file = self._read(name)
         n = entry.end - entry.begin
-        buf = torch.empty(n, dtype=torch.uint8)
         if n:
             pin = self._pins.check(file)
             _pread_into(pin.fd, memoryview(buf.numpy()), header.data_start + entry.begin, file)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmsurgery import __version__
+from mmsurgery.checkpoint.dtypes import ITEMSIZE
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
@@ -93,8 +94,10 @@ def write_paired(
         extra_files=extra_files,
         on_progress=on_progress,
     ) as w:
+        largest = max((i.numel * ITEMSIZE[i.dtype] for i in target.infos.values()), default=0)
+        buf = torch.empty(largest, dtype=torch.uint8)  # reused: no fresh pages per tensor
         for name in target.infos:
-            w.write(name, target.get(name))
+            w.write(name, target.read_into(name, buf))
         for p in plan.pairs:
             dtype = getattr(torch, target.infos[p.target_key].dtype)  # from the header: no second read
             w.write(p.aux_weight_key, p.transform.apply([aux.get(k) for k in p.aux_keys], dtype=dtype))
