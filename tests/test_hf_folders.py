@@ -375,13 +375,14 @@ def test_writer_into_an_existing_folder_replaces_the_other_layout_only_with_forc
 # its commit point (the weights file); argv: out folder, source config.
 KILLED_AT_COMMIT = """
 import os, signal, sys, torch
+import mmsurgery.checkpoint.publish as pub
 import mmsurgery.checkpoint.writer as wr
-real = wr._link
+real = pub.link
 def link(src, dst, force):
     if dst.name == "model.safetensors":
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst, force)
-wr._link = link
+pub.link = link
 wr.write_safetensors(sys.argv[1], {"a": torch.zeros(4)}, extra_files={"config.json": sys.argv[2]})
 """
 

@@ -47,14 +47,15 @@ with SafetensorsWriter(out, specs, shard_size=shard) as w:
 # A sharded writer into an existing folder that dies by SIGKILL between publishing its shards and its index.
 KILLED_AT_INDEX = """
 import os, signal, sys, torch
+import mmsurgery.checkpoint.publish as pub
 import mmsurgery.checkpoint.writer as wr
 from mmsurgery.checkpoint.reader import TensorInfo
-real = wr._link
+real = pub.link
 def link(src, dst, force):
     if dst.name.endswith(".index.json"):
         os.kill(os.getpid(), signal.SIGKILL)
     real(src, dst, force)
-wr._link = link
+pub.link = link
 specs = [TensorInfo(f"t{i}", "float32", (1024,)) for i in range(4)]
 with wr.SafetensorsWriter(sys.argv[1], specs, shard_size="4KB") as w:
     for s in specs:

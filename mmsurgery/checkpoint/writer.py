@@ -6,20 +6,18 @@ folder) beside the target, fsynced, and published only when all of them are comp
 or rename unless `force`: no half-written output, and never a silent replacement of an output that appeared
 meanwhile. Temp names carry the writer's pid, so a later writer to the same output can remove the temps of a
 killed one. A folder output may carry other files (a model folder's `config.json`, tokenizer files, ...), copied
-into the same temp folder and published with the weights. The guarantees are spelled out in docs/formats.md,
+into the same temp folder and published with the weights. The filesystem side (temp names, stale cleanup,
+no-replace publishing, overlap checks) lives in `publish.py`. The guarantees are spelled out in docs/formats.md,
 "Atomic, exclusive outputs".
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import tempfile
@@ -29,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmsurgery.checkpoint import publish
 from mmsurgery.checkpoint.dtypes import ITEMSIZE, NAME_TO_CODE, torch_dtype_name
+from mmsurgery.checkpoint.publish import INDEX_SUFFIX, TEMP_SUFFIX, check_output, write_text_atomic
 from mmsurgery.checkpoint.reader import TensorInfo
 from mmsurgery.errors import BadInputError, OutputExistsError
 
@@ -43,13 +43,9 @@ __all__ = [
     "write_text_atomic",
 ]
 
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-TEMP_SUFFIX = ".mmsurgery-tmp"
-_TEMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<rand>[A-Za-z0-9_]+)" + re.escape(TEMP_SUFFIX))
-_NAME_BYTES = 200  # of the target's name kept in a temp name: pid, random part and suffix fit in 255 bytes
-_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
-INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def parse_size(text: str | int) -> int:
@@ -75,13 +71,6 @@ class WriteResult:
         return self.index or self.files[0]
 
 
-def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse to write over an input (always, even with `force`) or an existing file (unless `force`)."""
-    _refuse_overlap([Path(out)], None, inputs)
-    if os.path.lexists(out) and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
-
-
 def _resolve_output(path: str | os.PathLike[str]) -> tuple[Path, str, bool]:
     """(folder, stem, named as a folder). A `.safetensors` name is a file; an existing folder, a path ending in
     `/` or a name without any suffix is a folder; anything else (`out.st`) is refused rather than guessed."""
@@ -105,24 +94,6 @@ def is_folder_output(path: str | os.PathLike[str]) -> bool:
     """Whether `SafetensorsWriter(path, ...)` writes into a folder (see `_resolve_output` for the rule); raises
     `BadInputError` for a path that names neither a file nor a folder."""
     return _resolve_output(path)[2]
-
-
-def _refuse_overlap(outputs: Sequence[Path], folder: Path | None, inputs: Sequence[str | os.PathLike[str]]) -> None:
-    """An output set may never overlap an input: not one of its files, not the folder holding an input, even
-    with `force` (a fold into its own input folder would replace the index the rest of the set depends on)."""
-    for src in inputs:
-        src_path = Path(src)
-        src_real = Path(os.path.realpath(src_path))
-        for out in outputs:
-            real = Path(os.path.realpath(out))
-            if real == src_real or src_real in real.parents or _same(src_path, out):
-                raise OutputExistsError(f"{out}: the output would overwrite an input ({src}); choose another path")
-        if folder is not None:
-            real_folder = Path(os.path.realpath(folder))
-            if real_folder == src_real or real_folder in src_real.parents:
-                raise OutputExistsError(
-                    f"{folder}: the output folder holds an input ({src}); choose another folder (even with --force)"
-                )
 
 
 class SafetensorsWriter:
@@ -159,7 +130,7 @@ class SafetensorsWriter:
         try:
             folder, stem, named_folder = _resolve_output(path)
         except OSError as e:
-            raise _os_error(e, Path(path)) from e
+            raise publish.os_error(e, Path(path)) from e
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._original_metadata = dict(self.metadata)
         limit = parse_size(shard_size) if shard_size is not None else None
@@ -180,7 +151,7 @@ class SafetensorsWriter:
         other = folder / (f"{stem}.safetensors" if self.index else f"{stem}{INDEX_SUFFIX}")
         self._retire = other if named_folder and os.path.lexists(other) else None
         try:
-            _refuse_overlap(
+            publish.refuse_overlap(
                 [*outputs, *self._extras, *([self._retire] if self._retire else [])],
                 folder if named_folder else None,
                 [*inputs, *self._extras.values()],
@@ -201,11 +172,11 @@ class SafetensorsWriter:
             self._new_folder = not folder.is_dir()
             if self._new_folder and os.path.lexists(folder):
                 raise BadInputError(f"{folder}: exists and is not a folder; choose another output path")
-            _check_name_lengths([*outputs, *self._extras, *([folder] if self._new_folder else [])])
+            publish.check_name_lengths([*outputs, *self._extras, *([folder] if self._new_folder else [])])
             if self._new_folder:
                 folder.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _os_error(e, folder) from e
+            raise publish.os_error(e, folder) from e
         self._groups = groups
         self._order = [s.name for g in groups for s in g]
         self._specs = {s.name: s for s in specs}
@@ -258,11 +229,11 @@ class SafetensorsWriter:
                 self._open_shard(shard)
             self._file.write(data)
             self._written += data.nbytes
-            if self._written - self._flushed >= _WRITEBACK_STEP:
-                _start_writeback(self._file.fileno(), self._flushed, self._written - self._flushed)
+            if self._written - self._flushed >= publish.WRITEBACK_STEP:
+                publish.start_writeback(self._file.fileno(), self._flushed, self._written - self._flushed)
                 self._flushed = self._written
         except OSError as e:
-            raise _os_error(e, self.targets[shard]) from e
+            raise publish.os_error(e, self.targets[shard]) from e
         self._pos += 1
         self._done += data.nbytes
         if self._on_progress is not None:
@@ -278,12 +249,12 @@ class SafetensorsWriter:
             if patch:
                 self._patch_headers(patch)
             if self._work is None:
-                _move(self._temps[0], self.targets[0], self.force)
-                _fsync_dir(self._folder)
+                publish.move(self._temps[0], self.targets[0], self.force)
+                publish.fsync_dir(self._folder)
             else:
                 self._publish_work()
         except OSError as e:
-            raise _os_error(e, self.index or self.targets[0]) from e
+            raise publish.os_error(e, self.index or self.targets[0]) from e
         self._committed = True
         self._temps = []
         return WriteResult(tuple(self.targets), self.index, self.total_size, tuple(self._extras))
@@ -292,23 +263,23 @@ class SafetensorsWriter:
         work = self._work
         assert work is not None
         for dst, src in self._extras.items():
-            _copy_new(src, work / dst.name)
+            publish.copy_new(src, work / dst.name)
         if self.index is not None:
             weight_map = {s.name: self.targets[i].name for i, g in enumerate(self._groups) for s in g}
             body = {"metadata": {"total_size": self.total_size, **self.metadata}, "weight_map": weight_map}
-            _write_new(work / self.index.name, json.dumps(body, indent=2) + "\n")
-        _fsync_dir(work)
+            publish.write_new(work / self.index.name, json.dumps(body, indent=2) + "\n")
+        publish.fsync_dir(work)
         if self._new_folder:
-            os.chmod(work, 0o777 & ~_umask())
+            os.chmod(work, 0o777 & ~publish.umask())
             try:
-                _rename_noreplace(work, self._folder, folder=True)
+                publish.rename_noreplace(work, self._folder, folder=True)
             except FileExistsError as e:
                 if not self.force:
                     msg = f"{self._folder} appeared while writing; pass --force to write into it"
                     raise OutputExistsError(msg) from e
             else:
                 self._work = None
-                _fsync_dir(self._folder.parent)
+                publish.fsync_dir(self._folder.parent)
                 return
         last = self.index or self.targets[0]  # the commit point: a reader opens the set through it
         if self.force:  # retire the old set (and one of the other layout) before any of its files changes
@@ -317,9 +288,9 @@ class SafetensorsWriter:
                     os.unlink(old)
         for t in [*self.targets, *([self.index] if self.index else []), *self._extras]:
             if t != last:
-                _link(work / t.name, t, self.force)
-        _link(work / last.name, last, self.force)
-        _fsync_dir(self._folder)
+                publish.link(work / t.name, t, self.force)
+        publish.link(work / last.name, last, self.force)
+        publish.fsync_dir(self._folder)
         self._committed = True
         shutil.rmtree(work, ignore_errors=True)
         self._work = None
@@ -346,7 +317,7 @@ class SafetensorsWriter:
         with contextlib.suppress(OSError):
             self._close_file()
         if self._work is not None:
-            _discard_work(self._work, self._folder)
+            publish.discard_work(self._work, self._folder)
             self._work = None
         for temp in self._temps:
             temp.unlink(missing_ok=True)
@@ -359,15 +330,17 @@ class SafetensorsWriter:
     def _remove_stale(self) -> list[Path]:
         """Temps of this output left by writers that are dead (killed): only names of our pattern whose pid
         is not a live process, never one of a live writer."""
-        removed = _remove_stale_in(self._folder.parent, {_temp_stem(self._folder.name)}.__contains__, self._folder)
+        removed = publish.remove_stale_in(
+            self._folder.parent, {publish.temp_stem(self._folder.name)}.__contains__, self._folder
+        )
         shard_re = re.compile(re.escape(self._stem) + r"-\d{5}-of-\d{5}\.safetensors")
-        own = {_temp_stem(n) for n in (f"{self._stem}.safetensors", f"{self._stem}{INDEX_SUFFIX}")}
-        own |= {_temp_stem(t.name) for t in self.targets}
+        own = {publish.temp_stem(n) for n in (f"{self._stem}.safetensors", f"{self._stem}{INDEX_SUFFIX}")}
+        own |= {publish.temp_stem(t.name) for t in self.targets}
 
         def ours(name: str) -> bool:
             return name in own or shard_re.fullmatch(name) is not None
 
-        return removed + _remove_stale_in(self._folder, ours, self._folder)
+        return removed + publish.remove_stale_in(self._folder, ours, self._folder)
 
     def _shard_of(self, pos: int) -> int:
         for i, g in enumerate(self._groups):
@@ -385,12 +358,12 @@ class SafetensorsWriter:
                 parent, name = (
                     (self._folder.parent, self._folder.name) if self._new_folder else (self._folder, index_name)
                 )
-                self._work = Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(name), suffix=TEMP_SUFFIX))
+                self._work = Path(tempfile.mkdtemp(dir=parent, prefix=publish.temp_prefix(name), suffix=TEMP_SUFFIX))
             tmp = self._work / target.name
             self._temps.append(tmp)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         else:
-            fd, name = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target.name), suffix=TEMP_SUFFIX)
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=publish.temp_prefix(target.name), suffix=TEMP_SUFFIX)
             self._temps.append(Path(name))
         header = _header(self._groups[shard], self.metadata)
         try:  # reserve the extents up front: fewer block allocations while streaming, and ENOSPC before any data
@@ -411,7 +384,7 @@ class SafetensorsWriter:
             try:
                 f.flush()
                 os.fsync(f.fileno())
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                os.fchmod(f.fileno(), 0o666 & ~publish.umask())
             finally:
                 f.close()
 
@@ -446,20 +419,6 @@ def _check_extras(names: Sequence[str], outputs: Sequence[Path], named_folder: b
             raise ValueError(f"extra file name {name!r}: must be a plain file name that no weight file uses")
 
 
-def _copy_new(src: Path, dst: Path) -> None:
-    """Copy `src`'s bytes (through a symlink, as a Hub cache holds them) to the new file `dst`, fsynced. A source
-    that cannot be read is bad input naming it, not a failed write."""
-    try:
-        fin = open(src, "rb")  # noqa: SIM115 - closed below; opening is where a read problem shows
-    except OSError as e:
-        raise BadInputError(f"{src}: cannot read ({e.strerror or type(e).__name__})") from None
-    with fin, os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fout:
-        shutil.copyfileobj(fin, fout)
-        fout.flush()
-        os.fsync(fout.fileno())
-        os.fchmod(fout.fileno(), 0o666 & ~_umask())
-
-
 def _nbytes(spec: TensorInfo) -> int:
     return spec.numel * ITEMSIZE[spec.dtype]
 
@@ -491,230 +450,6 @@ def _header(specs: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
-
-
-def _os_error(e: OSError, path: Path) -> BadInputError:
-    """One line naming the output path (not a temp name): a name too long, a read-only or unwritable folder, a
-    full disk, ... are problems with the chosen output, not bugs."""
-    return BadInputError(f"{path}: cannot write the output: {e.strerror or e}")
-
-
-def _check_name_lengths(paths: Sequence[Path]) -> None:
-    """Refuse a name the filesystem cannot hold before any data is written, not at the commit."""
-    for p in paths:
-        probe = p.parent
-        while not probe.is_dir() and probe != probe.parent:
-            probe = probe.parent
-        try:
-            limit = os.pathconf(probe, "PC_NAME_MAX")
-        except (OSError, ValueError):
-            limit = 255
-        n = len(os.fsencode(p.name))
-        if n > limit:
-            raise BadInputError(f"{p}: cannot write the output: the name is {n} bytes, this filesystem allows {limit}")
-
-
-def _temp_stem(name: str) -> str:
-    return name.encode()[:_NAME_BYTES].decode(errors="ignore")
-
-
-def _temp_prefix(name: str) -> str:
-    return f".{_temp_stem(name)}.{os.getpid()}."
-
-
-def _pid_alive(pid: int) -> bool:
-    """False only when no process has this pid (so its temps are provably abandoned)."""
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # EPERM: alive, another user's; anything else: not provably dead
-        return True
-    return True
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _remove_stale_in(where: Path, ours: Callable[[str], bool], dest: Path) -> list[Path]:
-    try:
-        entries = list(os.scandir(where))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    removed = []
-    for entry in entries:
-        m = _TEMP_RE.fullmatch(entry.name)
-        if m is None or not ours(m["name"]) or _pid_alive(int(m["pid"])):
-            continue
-        path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
-            _discard_work(path, dest)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def _discard_work(work: Path, dest: Path) -> None:
-    """Remove a temp folder, and the files linked from it into `dest` unless its commit point (the index, or
-    the one weights file) was published too: a file in `dest` that is the same inode as one in `work` is provably ours."""
-    try:
-        files = [p for p in work.iterdir() if p.is_file()]
-    except OSError:
-        files = []
-    weights = [p for p in files if p.name.endswith(".safetensors")]
-    marker = next((p for p in files if p.name.endswith(INDEX_SUFFIX)), weights[0] if len(weights) == 1 else None)
-    if marker is None or not _same(dest / marker.name, marker):
-        for p in files:
-            if _same(dest / p.name, p):
-                (dest / p.name).unlink(missing_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-
-
-def _renameat2_noreplace(src: Path, dst: Path) -> bool:
-    """`renameat2(RENAME_NOREPLACE)`; False where the libc or the filesystem lacks it."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_noreplace = -100, 1
-    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL):
-        return False
-    raise OSError(err, os.strerror(err), str(dst))
-
-
-def _rename_noreplace(src: Path, dst: Path, *, folder: bool = False) -> None:
-    """Rename, failing with FileExistsError if `dst` exists. Without renameat2 a folder falls back to rename(2),
-    which refuses a non-empty folder; a file falls back to a check then a rename (racy, documented)."""
-    try:
-        if _renameat2_noreplace(src, dst):
-            return
-        if folder:
-            os.rename(src, dst)
-            return
-    except OSError as e:
-        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from e
-        raise
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "exists", str(dst))
-    os.rename(src, dst)
-
-
-def _move(src: Path, dst: Path, force: bool) -> None:
-    """Publish a complete temp file: replace with `force`, else a hard link that fails if `dst` appeared."""
-    if force:
-        os.replace(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise OutputExistsError(f"{dst} appeared while writing; pass --force to overwrite it") from None
-    except OSError as e:
-        if e.errno not in _NO_LINKS:
-            raise
-        try:
-            _rename_noreplace(src, dst)
-        except FileExistsError:
-            raise OutputExistsError(f"{dst} appeared while writing; pass --force to overwrite it") from None
-        return
-    os.unlink(src)
-
-
-def _link(src: Path, dst: Path, force: bool) -> None:
-    """Like `_move`, but keeps `src`: the shared inode proves to a later writer which published files are ours."""
-    if not force:
-        try:
-            os.link(src, dst)
-            return
-        except FileExistsError:
-            raise OutputExistsError(f"{dst} appeared while writing; pass --force to overwrite it") from None
-        except OSError as e:
-            if e.errno not in _NO_LINKS:
-                raise
-        _move(src, dst, force)
-        return
-    tmp = dst.parent / f"{_temp_prefix(dst.name)}{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    try:
-        os.link(src, tmp)
-    except OSError as e:
-        if e.errno not in _NO_LINKS:
-            raise
-        os.replace(src, dst)
-        return
-    os.replace(tmp, dst)
-
-
-def _write_new(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to a temp file beside `path`, fsync, rename: a reader never sees a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-_WRITEBACK_STEP = 32 << 20
-
-
-def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing `nbytes` at `offset` to disk now (`sync_file_range(SYNC_FILE_RANGE_WRITE)`:
-    asynchronous, the page cache keeps the pages), so the final fsync waits for the last step only instead of
-    the whole file; a no-op where the libc lacks it. Durability still comes from the fsync at commit."""
-    fn = _sync_file_range()
-    if fn is not None:
-        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; an error here only means no early writeback
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _uint8() -> Any:
