@@ -12,7 +12,7 @@ import torch
 from pathway_fixtures import make_paired_state, tiny_vit
 from safetensors.torch import save_file
 
-from mmsurgery.checkpoint import reader
+from mmsurgery.checkpoint import pins
 from mmsurgery.checkpoint.reader import open_checkpoint
 from mmsurgery.cli import main
 from mmsurgery.errors import BadInputError
@@ -115,13 +115,13 @@ def test_a_file_replaced_while_its_header_is_read_is_still_the_old_file(tmp_path
     path = tmp_path / "m.safetensors"
     old = tensors(0)
     save_file(old, path)
-    real = reader.read_header
+    real = pins.read_header
 
     def racing(p: Path, fd: int):
         replace_by_rename(p, {"other": torch.ones(5)})
         return real(p, fd)
 
-    monkeypatch.setattr(reader, "read_header", racing)
+    monkeypatch.setattr(pins, "read_header", racing)
     with open_checkpoint(path) as ck:
         assert sorted(ck.infos) == sorted(old)
         assert all(torch.equal(ck.get(n), v) for n, v in old.items())

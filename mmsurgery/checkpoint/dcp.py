@@ -21,7 +21,8 @@ from typing import Any
 
 from mmsurgery.checkpoint.dcp_metadata import METADATA_NAME, DcpChunk, DcpLayout, DcpTensor, _brief, parse_metadata
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, _naming, _os_error, _Pin, _PinnedLoader, _Pins
+from mmsurgery.checkpoint.pins import Pin, Pins, os_error
+from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, _naming, _PinnedLoader
 from mmsurgery.errors import BadInputError
 
 __all__ = ["DCP_FORMAT", "SUFFIX", "is_dcp_folder", "open_dcp"]
@@ -149,24 +150,24 @@ def _model_names(folder: Path, layout: DcpLayout, key: str | None) -> _Names:
 # --- pinned files and chunk reads -----------------------------------------------------------------------------
 
 
-class _FilePins(_Pins):
-    """`reader._Pins` for files without a safetensors header: one descriptor per file, opened once, with the size
+class _FilePins(Pins):
+    """`pins.Pins` for files without a safetensors header: one descriptor per file, opened once, with the size
     and mtime at open checked before and after every read (a file replaced by rename is never seen)."""
 
-    def open_file(self, path: Path) -> _Pin:
+    def open_file(self, path: Path) -> Pin:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
-            raise _os_error(path, e) from None
+            raise os_error(path, e) from None
         try:
             st = os.fstat(fd)
         except OSError as e:
             os.close(fd)
-            raise _os_error(path, e) from None
+            raise os_error(path, e) from None
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise BadInputError(f"{path}: not a regular file")
-        pin = _Pin(fd, st.st_size, st.st_mtime_ns)
+        pin = Pin(fd, st.st_size, st.st_mtime_ns)
         self._pins[path] = pin
         return pin
 

@@ -3,15 +3,13 @@
 A `Checkpoint` knows every tensor's name, dtype and shape up front and reads a tensor only when asked. For
 safetensors (single or sharded) that means the header only; torch is imported on the first `get`. Each
 safetensors file is held open from `open_checkpoint` to `close`, so a Checkpoint reads the file it described even
-if the path is replaced meanwhile (see `_Pins`).
+if the path is replaced meanwhile (see `pins.Pins`).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,7 +17,8 @@ from typing import Any, TypeVar
 
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE, torch_dtype_name
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
-from mmsurgery.checkpoint.safetensors_header import SafetensorsHeader, decode_floats, read_header
+from mmsurgery.checkpoint.pins import Pins, os_error, pread_into
+from mmsurgery.checkpoint.safetensors_header import decode_floats
 from mmsurgery.errors import BadInputError
 
 T = TypeVar("T")
@@ -172,9 +171,9 @@ class _Loader:
 
 
 class _PinnedLoader(_Loader):
-    """A loader whose files `_Pins` holds open from `open_checkpoint` to `close`."""
+    """A loader whose files `Pins` holds open from `open_checkpoint` to `close`."""
 
-    _pins: _Pins
+    _pins: Pins
 
     def pinned_size(self, file: Path) -> int | None:
         return self._pins.size(file)
@@ -194,7 +193,7 @@ class _SafetensorsLoader(_PinnedLoader):
     `source` maps a normalised name to (file, raw name); `pins` holds the descriptor each header was read through.
     """
 
-    def __init__(self, source: dict[str, tuple[Path, str]], headers: dict[Path, Any], pins: _Pins) -> None:
+    def __init__(self, source: dict[str, tuple[Path, str]], headers: dict[Path, Any], pins: Pins) -> None:
         self._source = source
         self._headers = headers
         self._pins = pins
@@ -218,7 +217,7 @@ class _SafetensorsLoader(_PinnedLoader):
         n = entry.end - entry.begin
         if n:
             pin = self._pins.check(file)
-            _pread_into(pin.fd, memoryview(buf.numpy()), header.data_start + entry.begin, file)
+            pread_into(pin.fd, memoryview(buf.numpy()), header.data_start + entry.begin, file)
             self._pins.check(file)  # a write during the read changed the mtime: these bytes may be torn
         return buf.view(getattr(torch, entry.dtype)).reshape(entry.shape)
 
@@ -233,106 +232,6 @@ class _SafetensorsLoader(_PinnedLoader):
             return decode_floats(raw, entry.dtype)
         except BadInputError as e:
             raise BadInputError(f"{file}: tensor {name!r}: {e}") from None
-
-
-@dataclass(frozen=True)
-class _Pin:
-    """An open file and what `fstat` said of it when its header was read."""
-
-    fd: int
-    size: int
-    mtime_ns: int
-
-
-class _Pins:
-    """The descriptors a safetensors checkpoint reads through, one per file, opened when the checkpoint is.
-
-    A Checkpoint must read the file it described: `fold --force` or a training job may replace the file (a new
-    inode, by rename) while a long command streams it, and a later `open()` by path would read the new file's
-    bytes at the old header's offsets. Through the pinned descriptor a replaced file is never seen; a file
-    rewritten or truncated in place (same inode) is caught by its size or mtime differing from what `fstat` said
-    at open, checked before and after every read, and refused as "changed while being read".
-    """
-
-    def __init__(self) -> None:
-        self._pins: dict[Path, _Pin] = {}
-
-    def open(self, path: Path) -> SafetensorsHeader:
-        """Open `path`, read and validate its header, and keep the descriptor; the header is the descriptor's."""
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
-        except OSError as e:
-            raise _os_error(path, e) from None
-        try:
-            before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode):
-                raise BadInputError(f"{path}: not a regular file")
-            header = read_header(path, fd)
-            after = os.fstat(fd)
-            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                raise BadInputError(f"{path}: changed while being read (replaced or rewritten as it was opened)")
-        except OSError as e:
-            os.close(fd)
-            raise _os_error(path, e) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self._pins[path] = _Pin(fd, before.st_size, before.st_mtime_ns)
-        return header
-
-    def check(self, path: Path) -> _Pin:
-        """The pin of `path`, after proving the file still has the size and mtime it had when opened."""
-        pin = self._pins.get(path)
-        if pin is None:
-            raise ValueError(f"{path}: read after the checkpoint was closed")
-        st = os.fstat(pin.fd)
-        if st.st_size != pin.size or st.st_mtime_ns != pin.mtime_ns:
-            how = f"now {st.st_size} bytes, was {pin.size}" if st.st_size != pin.size else "rewritten in place"
-            raise BadInputError(
-                f"{path}: changed while being read ({how}); read it again once whatever writes it has finished"
-            )
-        return pin
-
-    def size(self, path: Path) -> int | None:
-        pin = self._pins.get(path)
-        return None if pin is None else pin.size
-
-    def dup(self, path: Path) -> int | None:
-        pin = self._pins.get(path)
-        return None if pin is None else os.dup(pin.fd)
-
-    def close(self) -> None:
-        pins, self._pins = self._pins, {}
-        for pin in pins.values():
-            os.close(pin.fd)
-
-
-def _os_error(path: Path, e: OSError) -> BadInputError:
-    """An operating-system refusal as one line naming the file: ENAMETOOLONG reads as "no such file" (no file can
-    have that name), too many shards for the descriptor limit names the fix."""
-    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP):
-        why = "name too long" if e.errno == errno.ENAMETOOLONG else (e.strerror or "not found")
-        return BadInputError(f"{_brief_path(path)}: no such file or folder ({why})")
-    if e.errno in (errno.EMFILE, errno.ENFILE):
-        return BadInputError(
-            f"{_brief_path(path)}: cannot open (too many open files: one descriptor per shard is kept open; "
-            "raise the limit, e.g. `ulimit -n 4096`)"
-        )
-    return BadInputError(f"{_brief_path(path)}: cannot read ({e.strerror or type(e).__name__})")
-
-
-def _brief_path(path: Path, limit: int = 200) -> str:
-    text = str(path)
-    return text if len(text) <= limit else text[: limit - 20] + f"...({len(text)} chars)"
-
-
-def _pread_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:  # the header was checked against the size at open: the file shrank since
-            raise BadInputError(f"{file}: changed while being read (truncated after its header was read)")
-        done += got
 
 
 class _DictLoader(_Loader):
@@ -360,7 +259,7 @@ def open_checkpoint(path: str | os.PathLike[str], key: str | None = None) -> Che
     try:
         ck = _open(p, key)
     except OSError as e:  # a name too long to exist, a folder or file that may not be read
-        raise _os_error(Path(e.filename) if isinstance(e.filename, str) else p, e) from None
+        raise os_error(Path(e.filename) if isinstance(e.filename, str) else p, e) from None
     if not len(ck):
         ck.close()
         raise BadInputError(f"{ck.path}: an empty state dict (no tensors)")
@@ -409,7 +308,7 @@ def _looks_like_pickle(p: Path) -> bool:
 
 
 def _open_safetensors(p: Path) -> Checkpoint:
-    pins = _Pins()
+    pins = Pins()
     try:
         header = pins.open(p)
         names = list(header.entries)
@@ -442,7 +341,7 @@ def _open_sharded(index: Path, key: str | None) -> Checkpoint:
             merged.update(tensors)
         _check_shards(index, weight_map, contents)
         return _from_tensors(index, "torch-pickle-sharded", files, merged, (), (), {})
-    pins = _Pins()  # one descriptor per shard, held until close
+    pins = Pins()  # one descriptor per shard, held until close
     try:
         headers = {f: pins.open(f) for f in files}
         _check_shards(index, weight_map, {f: list(h.entries) for f, h in headers.items()})
