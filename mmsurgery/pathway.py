@@ -227,7 +227,11 @@ def attach(
             kind = "a pathway" if _pathway_of(module) is not None else "a parametrization"
             problems.append(f"'{path}': weight already has {kind}; fold or remove it first")
         elif not isinstance(weight, nn.Parameter):
-            problems.append(f"'{path}': {type(module).__name__} has no `weight` Parameter")
+            wrapped = isinstance(getattr(module, "base_layer", None), nn.Module)  # PEFT's adapter layers
+            hint = (
+                ": it wraps a base layer (a PEFT adapter?); attach the pathway before get_peft_model" if wrapped else ""
+            )
+            problems.append(f"'{path}': {type(module).__name__} has no `weight` Parameter{hint}")
         elif tuple(aux[path].shape) != tuple(weight.shape):
             problems.append(f"'{path}': aux_weight shape {list(aux[path].shape)} != weight {list(weight.shape)}")
         elif not (weight.is_floating_point() and aux[path].is_floating_point()):

@@ -157,7 +157,10 @@ def test_attach_after_get_peft_model() -> None:
     model = _lora(plain)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for target in (model, model.base_model.model):  # PeftModel forwards the module paths to the model it wraps
-        with pytest.raises(AttachError, match=r"(?s)4 problem.*q_proj': Linear has no `weight` Parameter"):
+        with pytest.raises(
+            AttachError,
+            match=r"(?s)4 problem.*q_proj': Linear has no `weight` Parameter: it wraps a base layer \(a PEFT adapter\?\); attach the pathway before get_peft_model",
+        ):
             pathway.attach(target, paired)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
