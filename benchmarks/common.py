@@ -119,18 +119,20 @@ def median(rows: list[dict[str, float]], key: str) -> float:
 def print_table(
     results: dict[str, list[dict[str, float]]], baseline: str, wall: str = "wall after imports (s)"
 ) -> None:
-    """A markdown table: median wall time, its ratio to `baseline`, whole-process time and peak memory."""
+    """A markdown table: median wall time, its ratio to `baseline` (ratio of medians, and the median and range of
+    the per-round ratios: the spread is the VM's), whole-process time and peak memory."""
     base_rows = results[baseline]
     base = median(base_rows, "seconds")
     print(
-        f"| method | {wall} | / {baseline} (ratio of medians) | median per-round ratio | whole process (s) "
-        "| peak RSS (MB) | peak anon (MB) |"
+        f"| method | {wall} | / {baseline} (ratio of medians) | median per-round ratio | per-round min–max "
+        "| whole process (s) | peak RSS (MB) | peak anon (MB) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         s = median(rows, "seconds")
-        per_round = statistics.median(r["seconds"] / b["seconds"] for r, b in zip(rows, base_rows, strict=True))
+        ratios = [r["seconds"] / b["seconds"] for r, b in zip(rows, base_rows, strict=True)]
         print(
-            f"| {name} | {s:.2f} | {s / base:.2f} | {per_round:.2f} | {median(rows, 'process_seconds'):.2f} | "
+            f"| {name} | {s:.2f} | {s / base:.2f} | {statistics.median(ratios):.2f} | "
+            f"{min(ratios):.2f}–{max(ratios):.2f} | {median(rows, 'process_seconds'):.2f} | "
             f"{median(rows, 'rss_mb'):.0f} | {median(rows, 'anon_mb'):.0f} |"
         )
