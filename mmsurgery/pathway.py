@@ -13,7 +13,7 @@ paired checkpoint file and `model.state_dict()` are interchangeable and both loa
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -373,15 +373,22 @@ def _no_decay_names(model: nn.Module) -> set[str]:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, *, lr: float | None = None, scale_lr_mult: float = 1.0
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    lr: float | None = None,
+    scale_lr_mult: float = 1.0,
+    decay_names: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer groups: ≥2-D weights (W_aux included) decayed; biases, norms, λ and the model's
     `no_weight_decay()` names (timm's convention) not decayed; λ alone in a group with `lr_mult` =
-    `scale_lr_mult` (and `lr` = `lr * scale_lr_mult` when `lr` is given). Every trainable parameter appears
-    exactly once; frozen ones (a frozen W_aux) and empty groups are left out.
+    `scale_lr_mult` (and `lr` = `lr * scale_lr_mult` when `lr` is given). `decay_names` replaces that rule with
+    another's (Trainer's `get_decay_parameter_names`): exactly those parameters are decayed, λ never. Every
+    trainable parameter appears exactly once; frozen ones (a frozen W_aux) and empty groups are left out.
     """
     scale_ids = {id(pw.cross_modal_scale) for pw in pathway_modules(model).values()}
     skip = _no_decay_names(model)
+    names = set(decay_names) if decay_names is not None else None
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     scale: list[nn.Parameter] = []
@@ -390,7 +397,7 @@ def param_groups(
             continue
         if id(param) in scale_ids:
             scale.append(param)
-        elif param.ndim <= 1 or name in skip:
+        elif (name not in names) if names is not None else (param.ndim <= 1 or name in skip):
             no_decay.append(param)
         else:
             decay.append(param)

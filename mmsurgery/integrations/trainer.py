@@ -37,7 +37,7 @@ from mmsurgery.checkpoint import open_checkpoint
 from mmsurgery.errors import BadInputError
 from mmsurgery.hf import to_model_names
 from mmsurgery.integrations.peft import is_peft_model
-from mmsurgery.pathway import SCALE_KEY, is_attached, pathway_modules
+from mmsurgery.pathway import is_attached, param_groups, pathway_modules
 
 __all__ = ["PathwayTrainer", "PathwayTrainerMixin"]
 
@@ -84,30 +84,14 @@ class PathwayTrainerMixin:
                 "λ or W_aux train alongside a PEFT adapter: PEFT's save_pretrained and Trainer's checkpoints hold the "
                 "adapter only, without them; merge with mmsurgery.integrations.peft.merge_and_unload(model) to keep them"
             )
-        return cls(self._pathway_groups(model, kwargs.get("lr", self.args.learning_rate)), **kwargs)
-
-    def _pathway_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        """Trainer's two groups (its decay rule, `args.weight_decay`) plus λ's: no decay, `lr × scale_lr_mult`.
-        Every trainable parameter is in exactly one group; frozen ones (a frozen `W_aux`) and empty groups are left
-        out."""
-        scale_ids = {id(pw.cross_modal_scale) for pw in pathway_modules(model).values()}
-        decay_names = set(self.get_decay_parameter_names(model))
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        scales: list[nn.Parameter] = []
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            if id(param) in scale_ids:
-                scales.append(param)
-            else:
-                (decay if name in decay_names else no_decay).append(param)
-        groups = [
-            {"name": "decay", "params": decay, "weight_decay": self.args.weight_decay},
-            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-            {"name": SCALE_KEY, "params": scales, "weight_decay": 0.0, "lr": lr * self.scale_lr_mult},
-        ]
-        return [g for g in groups if g["params"]]
+        groups = param_groups(  # Trainer's decay rule and weight decay; λ alone, no decay, lr × scale_lr_mult
+            model,
+            self.args.weight_decay,
+            lr=kwargs.get("lr", self.args.learning_rate),
+            scale_lr_mult=self.scale_lr_mult,
+            decay_names=self.get_decay_parameter_names(model),
+        )
+        return cls(groups, **kwargs)
 
     def _loads_strictly(self, model: nn.Module) -> bool:
         from transformers.utils import is_sagemaker_mp_enabled
