@@ -27,12 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
-from mmsurgery.hf import to_model_names
+from mmsurgery.hf import CONFIG_NAME, to_model_names
 from mmsurgery.verify.arch import Arch
 
-__all__ = ["CONFIG_NAME", "HfArch", "HfForward", "find_config"]
+__all__ = ["HfArch", "HfForward", "find_config"]
 
-CONFIG_NAME = "config.json"
 TEXT_LENGTH = 16  # tokens per example row, capped at the config's max_position_embeddings
 OUTPUTS = ("logits", "last_hidden_state")  # the output verify compares: the first one the model returns
 
