@@ -142,7 +142,7 @@ def _stage_fold(run: _Run, paired_ck: Checkpoint) -> StageResult:
     paired = paired_ck.to_state_dict()
     plain_part, _ = split_paired(paired)
     unfolded = run.arch.build(plain_part, paired_ck.metadata)
-    attach(unfolded, to_model_names(unfolded, paired))
+    attach(unfolded, paired)  # attach converts the pathway keys to the model's names itself
     problem = _load_strict(run.arch, unfolded, paired)
     if problem:
         raise BadInputError(f"{paired_ck.path}: does not load strictly into the model with its pathway: {problem}")
