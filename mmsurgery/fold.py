@@ -25,11 +25,20 @@ from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
 from mmsurgery.hf import output_for
-from mmsurgery.paired_format import AUX_SUFFIX, FORMAT_KEY, SCALE_SUFFIX, VERSION_KEY, pathway_layers, read_scales
-
-FOLDED_FORMAT = "folded/1"
-SCALES_KEY = "mmsurgery.scales"
-SOURCE_KEY = "mmsurgery.source_sha256"
+from mmsurgery.paired_format import (
+    FOLDED_FORMAT,
+    FORMAT_KEY,
+    SCALES_KEY,
+    SOURCE_KEY,
+    VERSION_KEY,
+    LayerScales,
+    PathwaySpec,
+    aux_key,
+    checkpoint_pathways,
+    read_scales,
+    scale_key,
+    scale_values,
+)
 
 __all__ = ["DTYPES", "FoldBuffers", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
 
@@ -38,7 +47,7 @@ __all__ = ["DTYPES", "FoldBuffers", "FoldResult", "PlainTensors", "default_outpu
 class FoldResult:
     source: Path
     output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
-    scales: dict[str, float]  # module path -> λ
+    scales: dict[str, LayerScales]  # module path -> λ (`paired_format.scale_entry`)
     num_tensors: int
     sha256: str
     written: WriteResult | None
@@ -78,13 +87,16 @@ class PlainTensors:
     Build it with `plain_tensors(ck, dtype)`; it reads tensors from `ck` lazily, so `ck` must stay open.
     """
 
-    def __init__(self, ck: Checkpoint, layers: list[str], scales: dict[str, float], dtype: str) -> None:
+    def __init__(
+        self, ck: Checkpoint, pathways: dict[str, PathwaySpec], scales: dict[str, LayerScales], dtype: str
+    ) -> None:
         self.ck = ck
-        self.layers = layers
+        self.pathways = pathways
+        self.layers = list(pathways)
         self.scales = scales
         self.dtype = dtype
-        dropped = {f"{p}.{s}" for p in layers for s in (AUX_SUFFIX, SCALE_SUFFIX)}
-        self._folded = {f"{p}.weight": p for p in layers}
+        dropped = {key for spec in pathways.values() for key in spec.tensor_keys()}
+        self._folded = {f"{p}.weight": spec for p, spec in pathways.items()}
         self.specs = [self._spec(i) for k, i in ck.infos.items() if k not in dropped]
 
     def _spec(self, info: TensorInfo) -> TensorInfo:
@@ -92,25 +104,30 @@ class PlainTensors:
         return TensorInfo(info.name, self.dtype if cast else info.dtype, info.shape)
 
     def tensor(self, name: str, buffers: FoldBuffers | None = None) -> Any:
-        """The output tensor `name`: `fold_weight(W, λ, W_aux)` for a pathway weight, the input tensor for every
+        """The output tensor `name`: `fold_weight(W, λs, W_auxs)` for a pathway weight, the input tensor for every
         other one; cast to the output dtype. Raises `FoldError` for a non-finite fold or an overflowing cast.
 
         With `buffers` (the streaming fold's) the inputs are read into them and a float32 fold is computed in
-        place in W_aux's buffer, so the result is a view of `buffers`, valid until the next call; the values are
-        the same bits either way (elementwise operations, the same two roundings)."""
+        place in the first W_aux's buffer, so the result is a view of `buffers`, valid until the next call (further
+        auxiliaries are read into fresh memory); the values are the same bits either way (elementwise
+        operations, the same roundings)."""
         import torch
 
-        p = self._folded.get(name)
-        if buffers is None:
-            t = self.ck.get(name)
-            if p is not None:
-                t = fold_weight(t, self.ck.get(f"{p}.{SCALE_SUFFIX}"), self.ck.get(f"{p}.{AUX_SUFFIX}"), name=p)
+        spec = self._folded.get(name)
+        if spec is None:
+            t = self.ck.get(name) if buffers is None else self.ck.read_into(name, buffers.a)
         else:
-            t = self.ck.read_into(name, buffers.a)
-            if p is not None:
-                aux = self.ck.read_into(f"{p}.{AUX_SUFFIX}", buffers.b)
-                out = aux if aux.dtype == torch.float32 and aux.shape == t.shape else None
-                t = fold_weight(t, self.ck.get(f"{p}.{SCALE_SUFFIX}"), aux, name=p, out=out)
+            p, n = spec.module, spec.num_aux
+            lam = [self.ck.get(scale_key(p, k)) for k in range(n)]
+            if buffers is None:
+                t = self.ck.get(name)
+                t = fold_weight(t, lam, [self.ck.get(aux_key(p, k)) for k in range(n)], name=p)
+            else:
+                t = self.ck.read_into(name, buffers.a)
+                first = self.ck.read_into(aux_key(p), buffers.b)
+                auxes = [first, *(self.ck.get(aux_key(p, k)) for k in range(1, n))]
+                out = first if first.dtype == torch.float32 and first.shape == t.shape else None
+                t = fold_weight(t, lam, auxes, name=p, out=out)
         if self.dtype != "keep" and t.is_floating_point():
             out_dtype = getattr(torch, self.dtype)
             if t.dtype != out_dtype:
@@ -146,12 +163,12 @@ def plain_tensors(ck: Checkpoint, dtype: str = "keep") -> PlainTensors:
     tensors pass through. Raises `FoldError` for an inconsistent paired file or a non-finite λ, and
     `BadInputError` for an unknown `dtype`."""
     _check_dtype(dtype)
-    layers = pathway_layers(ck)
-    scales = read_scales(ck, layers) if layers else {}
-    bad = [p for p, v in scales.items() if not math.isfinite(v)]
+    pathways = checkpoint_pathways(ck)
+    scales = read_scales(ck, pathways) if pathways else {}
+    bad = [p for p, v in scales.items() if not all(math.isfinite(x) for x in scale_values(v))]
     if bad:
         raise FoldError(f"{bad[0]}: cross_modal_scale is {scales[bad[0]]}; refusing to fold ({len(bad)} layer(s))")
-    return PlainTensors(ck, layers, scales, dtype)
+    return PlainTensors(ck, pathways, scales, dtype)
 
 
 @contextlib.contextmanager

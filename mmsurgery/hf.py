@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mmsurgery.errors import BadInputError
-from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX
+from mmsurgery.paired_format import is_pathway_key
 
 if TYPE_CHECKING:
     from torch import nn
@@ -141,7 +141,7 @@ def _transforms(model: nn.Module, *, legacy: bool) -> tuple[list[Any], list[Any]
 def to_model_names(model: nn.Module, state: Mapping[str, T]) -> dict[str, T]:
     """`state`'s keys as `model.state_dict()` names them: transformers' load-time renaming for an HF model (keys
     already in the model's names stay as they are), unchanged for any other model. A pathway key
-    (`P.aux_weight`, `P.cross_modal_scale`) is named after its `P.weight`, so it follows the weight even where
+    (`P.aux_weight`, `P.cross_modal_scale`, `P.aux_weight_1`, ...) is named after its `P.weight`, so it follows the weight even where
     transformers adds or strips the base-model prefix (a `ViTModel` folder into `ViTForImageClassification`), which
     it decides from the model's own keys. Raises `BadInputError` when a key needs one of transformers' tensor
     converters, or when two keys would get the same name."""
@@ -157,7 +157,7 @@ def to_model_names(model: nn.Module, state: Mapping[str, T]) -> dict[str, T]:
         module, _, leaf = key.rpartition(".")
         if key in own:
             name, converter = key, None
-        elif leaf in (AUX_SUFFIX, SCALE_SUFFIX) and module:
+        elif is_pathway_key(key) and module:
             weight, converter = rename_source_key(f"{module}.weight", renamings, converters, prefix, own)
             name = f"{weight.removesuffix('.weight')}.{leaf}"
         else:

@@ -1,63 +1,321 @@
-"""The paired-checkpoint format's names, in one torch-free module that imports nothing of `pairing`.
+"""The paired-checkpoint contract, in one torch-free module that imports nothing of `pairing`.
 
-A paired checkpoint holds every target tensor plus, per paired linear `P`, `P.aux_weight` (W_aux, in the
-target's layout) and `P.cross_modal_scale` (λ, one value): M2PT's own names, and what `model.state_dict()` shows
-with `mmsurgery.pathway` attached. Readers that only need to find and read the pathways (`describe`, `fold`,
-`inspect` without torch) ask this module. docs/formats.md describes the format.
+Everything that names a pathway tensor, shapes λ, writes or reads the paired/folded metadata, finds the pathways
+in a checkpoint or splits a paired state dict asks this module; docs/formats.md states the same contract.
+
+A paired checkpoint holds every target tensor plus, per paired linear `P` and per auxiliary model `k`:
+
+    k = 0:  P.aux_weight     P.cross_modal_scale      (M2PT's own names; a one-auxiliary file has only these)
+    k ≥ 1:  P.aux_weight_k   P.cross_modal_scale_k    (a second, third... auxiliary)
+
+`W_aux` is in the target's layout and dtype; λ is float32 and holds one value (M2PT's `[1]`, or `[]`), or one
+value per block of W: per fused-qkv chunk or per output channel (`scale_shape`, `scale_problem`, `block_view`).
+The merged weight is `W + Σₖ λₖ·W_auxₖ`, added left to right in float32 (`mmsurgery.foldmath`).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from mmsurgery.checkpoint.reader import Checkpoint
-from mmsurgery.errors import FoldError
+from mmsurgery.errors import BadInputError, FoldError
 
 __all__ = [
     "AUX_SUFFIX",
+    "FOLDED_FORMAT",
     "FORMAT_KEY",
+    "INIT_SCALE_KEY",
     "PAIRED_FORMAT",
     "PLAN_KEY",
-    "SCALE_SHAPES",
+    "SCALES_KEY",
+    "SCALE_MODES",
+    "SCALE_MODE_KEY",
     "SCALE_SUFFIX",
+    "SOURCE_KEY",
     "VERSION_KEY",
     "VIT_KEY",
+    "LayerScales",
+    "PathwayKey",
+    "PathwaySpec",
+    "aux_key",
+    "aux_suffix",
+    "block_view",
+    "check_format",
+    "checkpoint_pathways",
+    "find_pathways",
+    "is_pathway_key",
+    "paired_format",
+    "parse_key",
     "pathway_layers",
+    "plan_key",
     "read_scales",
+    "scale_entry",
+    "scale_key",
+    "scale_means",
+    "scale_problem",
+    "scale_shape",
+    "scale_suffix",
+    "scale_values",
+    "split_paired",
 ]
 
+# ---- key names ----------------------------------------------------------------------------------------------
 AUX_SUFFIX = "aux_weight"  # M2PT's names: <linear>.aux_weight and <linear>.cross_modal_scale
 SCALE_SUFFIX = "cross_modal_scale"
-FORMAT_KEY = "mmsurgery.format"  # metadata: "paired/1" or "folded/1"
-PLAN_KEY = "mmsurgery.plan"
-VERSION_KEY = "mmsurgery.version"
+_KEY = re.compile(rf"^(?:(?P<module>.+)\.)?(?P<kind>{AUX_SUFFIX}|{SCALE_SUFFIX})(?:_(?P<index>[1-9][0-9]*))?$")
+
+
+def aux_suffix(k: int = 0) -> str:
+    return AUX_SUFFIX if k == 0 else f"{AUX_SUFFIX}_{k}"
+
+
+def scale_suffix(k: int = 0) -> str:
+    return SCALE_SUFFIX if k == 0 else f"{SCALE_SUFFIX}_{k}"
+
+
+def aux_key(module: str, k: int = 0) -> str:
+    """`P.aux_weight` for the first auxiliary, `P.aux_weight_k` for the k-th (k ≥ 1, counted from 0)."""
+    return f"{module}.{aux_suffix(k)}" if module else aux_suffix(k)
+
+
+def scale_key(module: str, k: int = 0) -> str:
+    return f"{module}.{scale_suffix(k)}" if module else scale_suffix(k)
+
+
+@dataclass(frozen=True)
+class PathwayKey:
+    module: str  # the linear's module path ("" for a bare top-level key)
+    kind: str  # "aux" or "scale"
+    index: int  # which auxiliary, from 0
+
+
+def parse_key(name: str) -> PathwayKey | None:
+    """What a pathway tensor's name says, or None for any other key (`P.weight`, a bias, `aux_weight_0`...)."""
+    m = _KEY.match(name)
+    if m is None:
+        return None
+    kind = "aux" if m["kind"] == AUX_SUFFIX else "scale"
+    return PathwayKey(m["module"] or "", kind, int(m["index"] or 0))
+
+
+def is_pathway_key(name: str) -> bool:
+    return parse_key(name) is not None
+
+
+V = TypeVar("V")
+
+
+def split_paired(state: Mapping[str, V]) -> tuple[dict[str, V], dict[str, V]]:
+    """Split a paired state dict into (the plain model's keys, the pathway keys: every `aux_weight*` and
+    `cross_modal_scale*`)."""
+    plain: dict[str, V] = {}
+    pathway: dict[str, V] = {}
+    for key, value in state.items():
+        (pathway if is_pathway_key(key) else plain)[key] = value
+    return plain, pathway
+
+
+# ---- metadata -----------------------------------------------------------------------------------------------
+FORMAT_KEY = "mmsurgery.format"  # "paired/1", "paired/2" or "folded/1"
+VERSION_KEY = "mmsurgery.version"  # the mmsurgery that wrote the file
+PLAN_KEY = "mmsurgery.plan"  # the pairing plan of auxiliary 0 (mmsurgery.plan.k for auxiliary k)
 VIT_KEY = "mmsurgery.vit"  # the built-in ViT's config (models.vit.METADATA_KEY)
-PAIRED_FORMAT = "paired/1"
-SCALE_SHAPES = ((1,), ())  # λ is one value: M2PT's `torch.zeros(1)`, or a 0-d tensor; [1, 1, 1] would broadcast W
+INIT_SCALE_KEY = "mmsurgery.init_scale"
+SCALE_MODE_KEY = "mmsurgery.scale_mode"  # written only when it is not per-linear
+SCALES_KEY = "mmsurgery.scales"  # folded files: λ per layer (JSON)
+SOURCE_KEY = "mmsurgery.source_sha256"  # folded files: sha256 of the paired input
+PAIRED_FORMAT = "paired/1"  # one auxiliary, λ one value per linear: M2PT's own layout
+PAIRED_FORMAT_2 = "paired/2"  # several auxiliaries, or λ per qkv chunk / per channel
+FOLDED_FORMAT = "folded/1"
+READS = {"paired": 2, "folded": 1}  # the newest version of each kind this mmsurgery understands
+
+
+def plan_key(k: int = 0) -> str:
+    return PLAN_KEY if k == 0 else f"{PLAN_KEY}.{k}"
+
+
+def paired_format(num_aux: int, scale_mode: str) -> str:
+    """`paired/1` for what M2PT itself could load (one auxiliary, one λ per linear), else `paired/2`."""
+    return PAIRED_FORMAT if num_aux == 1 and scale_mode == "per-linear" else PAIRED_FORMAT_2
+
+
+def check_format(metadata: Mapping[str, str], where: object) -> None:
+    """The reader's rule for versions: a file of a known kind (`paired`, `folded`) with a newer version than this
+    mmsurgery reads is refused with one line saying to upgrade, rather than half-understood; an older version, an
+    unknown kind or no `mmsurgery.format` at all (M2PT's own files, a plain model) is read by its tensor names."""
+    value = metadata.get(FORMAT_KEY)
+    if not value or "/" not in value:
+        return
+    kind, _, version = value.partition("/")
+    newest = READS.get(kind)
+    if newest is not None and version.isdigit() and int(version) > newest:
+        raise BadInputError(
+            f"{where}: {FORMAT_KEY} is {value!r}, written by a newer mmsurgery ({metadata.get(VERSION_KEY, '?')}); "
+            f"this one reads {kind}/1..{newest}: upgrade mmsurgery"
+        )
+
+
+# ---- the shape of λ -----------------------------------------------------------------------------------------
+SCALE_MODES = ("per-linear", "per-qkv", "per-channel")
+ONE_VALUE_SHAPES = ((1,), ())  # M2PT's `torch.zeros(1)`, or a 0-d tensor
+
+
+def scale_shape(mode: str, weight_shape: Sequence[int], *, fused_qkv: bool, conv1d: bool) -> tuple[int, ...]:
+    """λ's shape for a linear under `--scale mode`: per-linear one value (`[1]`, the paper's code); per-qkv three
+    values along the output dimension of a fused qkv (one per q/k/v chunk: what split q/k/v targets get anyway;
+    one value on other linears); per-channel one value per output channel. The output dimension is 0 for
+    `nn.Linear` (`[out, in]`) and 1 for GPT-2's `Conv1D` (`[in, out]`)."""
+    if mode not in SCALE_MODES:
+        raise BadInputError(f"--scale {mode!r}: choose one of {', '.join(SCALE_MODES)}")
+    if mode == "per-linear" or (mode == "per-qkv" and not fused_qkv) or len(weight_shape) != 2:
+        return (1,)
+    out_dim = 1 if conv1d else 0
+    shape = [1, 1]
+    shape[out_dim] = 3 if mode == "per-qkv" else int(weight_shape[out_dim])
+    return tuple(shape)
+
+
+def scale_problem(shape: Sequence[int], weight_shape: Sequence[int]) -> str | None:
+    """Why λ of `shape` cannot scale a weight of `weight_shape`, or None. λ holds one value (`[1]` or `[]`), or has
+    the weight's rank and, in each dimension, 1 or a divisor of the weight's size: each λ element then scales one
+    contiguous block (`[3, 1]` on a fused qkv `[3d, d]`: one value per chunk; `[out, 1]`: one per row)."""
+    shape, weight_shape = tuple(shape), tuple(weight_shape)
+    if shape in ONE_VALUE_SHAPES:
+        return None
+    if len(shape) != len(weight_shape):
+        if math.prod(shape) == 1:
+            return f"has shape {list(shape)}; λ of one value must have shape [1] or [] (reshape it)"
+        return (
+            f"has shape {list(shape)}; λ holds one value ([1] or []), or one per block of W with W's rank "
+            f"({list(weight_shape)})"
+        )
+    bad = [d for d, (s, w) in enumerate(zip(shape, weight_shape, strict=True)) if s < 1 or w % s]
+    if bad:
+        return f"has shape {list(shape)}; each size must divide the weight's {list(weight_shape)}"
+    return None
+
+
+def block_view(weight_shape: Sequence[int], shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Views under which λ broadcasts onto W elementwise: a dimension where λ has size s (1 < s < w) is split
+    into (s, w/s) for W and (s, 1) for λ. `λ.view(b) * W.view(a)` is then one rounding per element, the same
+    bits as multiplying by the expanded λ (this is how the training forward and the fold both compute it)."""
+    w_view: list[int] = []
+    s_view: list[int] = []
+    for s, w in zip(shape, weight_shape, strict=True):
+        if s in (1, w):
+            w_view.append(w)
+            s_view.append(s)
+        else:
+            w_view += [s, w // s]
+            s_view += [s, 1]
+    return tuple(w_view), tuple(s_view)
+
+
+# ---- finding and reading the pathways -----------------------------------------------------------------------
+ScaleValue = float | list[float]  # one λ: a float, or its values (finer λ) in row-major order
+LayerScales = float | list[ScaleValue]  # a layer: a float (one auxiliary, one λ) or one entry per auxiliary
+
+
+@dataclass(frozen=True)
+class PathwaySpec:
+    module: str
+    scale_shapes: tuple[tuple[int, ...], ...]  # λ's shape per auxiliary
+
+    @property
+    def num_aux(self) -> int:
+        return len(self.scale_shapes)
+
+    def tensor_keys(self) -> list[str]:
+        """Every pathway tensor of this linear: aux then λ, per auxiliary."""
+        return [key for k in range(self.num_aux) for key in (aux_key(self.module, k), scale_key(self.module, k))]
+
+
+def find_pathways(shapes: Mapping[str, Sequence[int]], where: object = "checkpoint") -> dict[str, PathwaySpec]:
+    """The pathways among a checkpoint's names → shapes, in name order. Raises `FoldError` listing what is
+    inconsistent: an aux_weight without its λ or the reverse, a gap in the auxiliary numbers, a missing or
+    differently shaped `P.weight`, a λ shape that cannot scale W (`scale_problem`)."""
+    found: dict[str, dict[int, dict[str, str]]] = {}
+    for name in shapes:
+        key = parse_key(name)
+        if key is not None:
+            found.setdefault(key.module, {}).setdefault(key.index, {})[key.kind] = name
+    problems: list[str] = []
+    specs: dict[str, PathwaySpec] = {}
+    for module, per_aux in found.items():
+        label = module or "(top level)"
+        weight = shapes.get(f"{module}.weight" if module else "weight")
+        indices = sorted(per_aux)
+        if indices != list(range(len(indices))):
+            problems.append(f"{label}: auxiliaries numbered {indices}; expected 0..{len(indices) - 1} with no gap")
+            continue
+        scale_shapes = []
+        for k in indices:
+            kinds = per_aux[k]
+            if "scale" not in kinds:
+                problems.append(f"{label}: {aux_suffix(k)} without {scale_suffix(k)}")
+            elif "aux" not in kinds:
+                problems.append(f"{label}: no {aux_suffix(k)}")
+            elif weight is None:
+                problems.append(f"{label}: no weight")
+            elif tuple(shapes[kinds["aux"]]) != tuple(weight):
+                problems.append(f"{label}: {aux_suffix(k)} {list(shapes[kinds['aux']])} != weight {list(weight)}")
+            elif (why := scale_problem(shapes[kinds["scale"]], weight)) is not None:
+                problems.append(f"{label}: {scale_suffix(k)} {why}")
+            else:
+                scale_shapes.append(tuple(shapes[kinds["scale"]]))
+        if len(scale_shapes) == len(indices):
+            specs[module] = PathwaySpec(module, tuple(scale_shapes))
+    if problems:
+        raise FoldError(f"{where}: not a consistent paired checkpoint: {'; '.join(problems[:4])}")
+    return specs
+
+
+def checkpoint_pathways(ck: Checkpoint) -> dict[str, PathwaySpec]:
+    check_format(ck.metadata, ck.path)
+    return find_pathways({k: i.shape for k, i in ck.infos.items()}, ck.path)
 
 
 def pathway_layers(ck: Checkpoint) -> list[str]:
-    """Module paths that carry a pathway: `P.cross_modal_scale`, `P.aux_weight` and `P.weight` all present.
-    Raises `FoldError` for a half-present or misshapen pathway."""
-    layers = [k.removesuffix("." + SCALE_SUFFIX) for k in ck.infos if k.endswith("." + SCALE_SUFFIX)]
-    aux = {k.removesuffix("." + AUX_SUFFIX) for k in ck.infos if k.endswith("." + AUX_SUFFIX)}
-    problems = [f"{p}: no aux_weight" for p in layers if p not in aux]
-    problems += [f"{p}: aux_weight without cross_modal_scale" for p in sorted(aux - set(layers))]
-    for p in layers:
-        w = ck.infos.get(f"{p}.weight")
-        if w is None:
-            problems.append(f"{p}: no weight")
-        elif p in aux and ck.infos[f"{p}.{AUX_SUFFIX}"].shape != w.shape:
-            problems.append(f"{p}: aux_weight {list(ck.infos[f'{p}.{AUX_SUFFIX}'].shape)} != weight {list(w.shape)}")
-        elif ck.infos[f"{p}.{SCALE_SUFFIX}"].shape not in SCALE_SHAPES:
-            shape = list(ck.infos[f"{p}.{SCALE_SUFFIX}"].shape)
-            what = "must hold one value" if math.prod(shape) != 1 else "must have shape [1] or [] (reshape it)"
-            problems.append(f"{p}: cross_modal_scale has shape {shape}; λ {what}")
-    if problems:
-        raise FoldError(f"{ck.path}: not a consistent paired checkpoint: {'; '.join(problems[:4])}")
-    return layers
+    """Module paths that carry a pathway (see `find_pathways`)."""
+    return list(checkpoint_pathways(ck))
 
 
-def read_scales(ck: Checkpoint, layers: list[str]) -> dict[str, float]:
-    """λ of each pathway layer (read without torch from a safetensors file)."""
-    return {p: ck.read_floats(f"{p}.{SCALE_SUFFIX}")[0] for p in layers}
+def scale_entry(values: Sequence[Sequence[float]]) -> LayerScales:
+    """A layer's λ for reports and JSON, from each auxiliary's values: a float in the classic case (one auxiliary,
+    one value: what every one-auxiliary file gives, as before), else a list with one entry per auxiliary, each a
+    float (one value) or the list of its values."""
+    entries: list[ScaleValue] = [float(v[0]) if len(v) == 1 else [float(x) for x in v] for v in values]
+    return entries[0] if len(entries) == 1 and isinstance(entries[0], float) else entries
+
+
+def scale_means(entry: LayerScales) -> list[float]:
+    """One number per auxiliary for a chart or a summary: λ itself, or the mean of a finer λ."""
+    items = [entry] if isinstance(entry, (int, float)) else entry
+    return [float(v) if isinstance(v, (int, float)) else sum(v) / len(v) for v in items]
+
+
+def scale_values(entry: LayerScales) -> list[float]:
+    """Every λ value of a layer, flat (for finiteness checks)."""
+    items = [entry] if isinstance(entry, (int, float)) else entry
+    return [x for v in items for x in ([v] if isinstance(v, (int, float)) else v)]
+
+
+def read_scales(ck: Checkpoint, layers: Sequence[str] | Mapping[str, PathwaySpec]) -> dict[str, LayerScales]:
+    """λ of each pathway layer (read without torch from a safetensors file), as `scale_entry` gives it."""
+    specs = layers if isinstance(layers, Mapping) else {p: None for p in layers}
+    out: dict[str, LayerScales] = {}
+    for p, spec in specs.items():
+        n = spec.num_aux if spec is not None else _count_aux(ck, p)
+        out[p] = scale_entry([ck.read_floats(scale_key(p, k)) for k in range(n)])
+    return out
+
+
+def _count_aux(ck: Checkpoint, module: str) -> int:
+    n = 0
+    while scale_key(module, n) in ck.infos:
+        n += 1
+    return n

@@ -13,7 +13,7 @@ paired checkpoint file and `model.state_dict()` are interchangeable and both loa
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,17 @@ from torch.utils.hooks import RemovableHandle
 from mmsurgery.errors import AttachError, BadInputError, FoldError
 from mmsurgery.foldmath import effective_weight, fold_weight
 from mmsurgery.hf import to_model_names
-from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX
+from mmsurgery.paired_format import (
+    AUX_SUFFIX,
+    SCALE_SUFFIX,
+    LayerScales,
+    aux_suffix,
+    parse_key,
+    scale_entry,
+    scale_problem,
+    scale_suffix,
+    split_paired,
+)
 
 __all__ = [
     "AUX_KEY",
@@ -41,45 +51,89 @@ __all__ = [
 
 AUX_KEY = AUX_SUFFIX  # the paired format's names (mmsurgery.paired_format), which state_dict() shows
 SCALE_KEY = SCALE_SUFFIX
-_PUBLIC_TO_INTERNAL = {
-    "weight": "parametrizations.weight.original",
-    AUX_KEY: f"parametrizations.weight.0.{AUX_KEY}",
-    SCALE_KEY: f"parametrizations.weight.0.{SCALE_KEY}",
-}
 _MAX_LISTED = 8
 
 
 class Pathway(nn.Module):
-    """Parametrization `W ↦ W + λ·W_aux` with `W_aux` and λ (shape [1], float32) as parameters.
+    """Parametrization `W ↦ W + Σₖ λₖ·W_auxₖ` with each `W_auxₖ` and λₖ (float32) as parameters.
 
-    `W_aux` is always an `nn.Parameter`, never a buffer: frozen means `requires_grad=False`, so DDP neither
-    all-reduces nor re-broadcasts it on every forward.
+    One auxiliary (the paper's case) gives `aux_weight` and `cross_modal_scale` (shape [1]); the k-th further one
+    `aux_weight_k` and `cross_modal_scale_k` (`paired_format`). λ may hold one value per block of W
+    (`scale_shapes`: per qkv chunk, per output channel). `W_aux` is always an `nn.Parameter`, never a buffer:
+    frozen means `requires_grad=False`, so DDP neither all-reduces nor re-broadcasts it on every forward.
     """
 
-    def __init__(self, aux_weight: Tensor, *, aux_trainable: bool = True, init_scale: float = 0.0) -> None:
+    def __init__(
+        self,
+        aux_weight: Tensor | Sequence[Tensor],
+        *,
+        aux_trainable: bool | Sequence[bool] = True,
+        init_scale: float | Sequence[float] = 0.0,
+        scale_shapes: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         super().__init__()
-        self.aux_weight = nn.Parameter(aux_weight, requires_grad=aux_trainable)
-        self.cross_modal_scale = nn.Parameter(
-            torch.full((1,), float(init_scale), dtype=torch.float32, device=aux_weight.device)
-        )
+        auxes = [aux_weight] if isinstance(aux_weight, Tensor) else list(aux_weight)
+        n = len(auxes)
+        trainable = _per_aux(aux_trainable, n, "aux_trainable")
+        inits = _per_aux(init_scale, n, "init_scale")
+        shapes = [(1,)] * n if scale_shapes is None else [tuple(s) for s in scale_shapes]
+        self.num_aux = n
+        for k, aux in enumerate(auxes):
+            setattr(self, aux_suffix(k), nn.Parameter(aux, requires_grad=trainable[k]))
+            scale = torch.full(shapes[k], float(inits[k]), dtype=torch.float32, device=aux.device)
+            setattr(self, scale_suffix(k), nn.Parameter(scale))
         self._handles: list[RemovableHandle] = []
         self._param_order: tuple[str, ...] = ("weight",)
 
+    @property
+    def aux_weights(self) -> list[nn.Parameter]:
+        return [getattr(self, aux_suffix(k)) for k in range(self.num_aux)]
+
+    @property
+    def scales(self) -> list[nn.Parameter]:
+        return [getattr(self, scale_suffix(k)) for k in range(self.num_aux)]
+
     def forward(self, weight: Tensor) -> Tensor:
-        return effective_weight(weight, self.cross_modal_scale, self.aux_weight)
+        if self.num_aux == 1:
+            return effective_weight(weight, self.cross_modal_scale, self.aux_weight)
+        return effective_weight(weight, self.scales, self.aux_weights)
 
     def extra_repr(self) -> str:
-        return f"aux_weight={list(self.aux_weight.shape)}, aux_trainable={self.aux_weight.requires_grad}"
+        shapes = [list(a.shape) for a in self.aux_weights]
+        trainable = [a.requires_grad for a in self.aux_weights]
+        if self.num_aux == 1:
+            return f"aux_weight={shapes[0]}, aux_trainable={trainable[0]}"
+        return f"aux_weights={shapes}, aux_trainable={trainable}"
 
 
-def _public_names(module: nn.Module) -> None:
-    """Make `P.aux_weight` and `P.cross_modal_scale` — the names `state_dict()` shows — resolvable as attributes
-    of the parametrized module, read-only and always live (torch's `distributed.checkpoint` state-dict APIs walk
-    each key with `getattr`). Set on the class parametrize made for this one module, so the names go away with it
-    when the pathway is folded; never registered as parameters, so nothing is counted twice."""
+def _per_aux(value: Any, n: int, what: str) -> list[Any]:
+    if isinstance(value, (bool, int, float)):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise AttachError(f"{what}: {len(values)} value(s) for {n} auxiliary model(s)")
+    return values
+
+
+def _public_to_internal(pw: Pathway) -> dict[str, str]:
+    """`weight`/`aux_weight*`/`cross_modal_scale*` → parametrize's names for this module's pathway."""
+    names = {"weight": "parametrizations.weight.original"}
+    for k in range(pw.num_aux):
+        for name in (aux_suffix(k), scale_suffix(k)):
+            names[name] = f"parametrizations.weight.0.{name}"
+    return names
+
+
+def _public_names(module: nn.Module, pw: Pathway) -> None:
+    """Make `P.aux_weight` and `P.cross_modal_scale` (and `_k` for further auxiliaries) — the names `state_dict()`
+    shows — resolvable as attributes of the parametrized module, read-only and always live (torch's
+    `distributed.checkpoint` state-dict APIs walk each key with `getattr`). Set on the class parametrize made for
+    this one module, so the names go away with it when the pathway is folded; never registered as parameters, so
+    nothing is counted twice."""
     cls = type(module)
-    for name in (AUX_KEY, SCALE_KEY):
-        setattr(cls, name, property(lambda self, n=name: getattr(self.parametrizations.weight[0], n)))
+    for name in _public_to_internal(pw):
+        if name != "weight":
+            setattr(cls, name, property(lambda self, n=name: getattr(self.parametrizations.weight[0], n)))
 
 
 def _pathway_of(module: nn.Module) -> Pathway | None:
@@ -90,15 +144,18 @@ def _pathway_of(module: nn.Module) -> Pathway | None:
 
 
 def _state_dict_post_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
-    """Rename parametrize's internal keys to `weight`/`aux_weight`/`cross_modal_scale` (order W, b, aux, λ)."""
-    if _pathway_of(module) is None or prefix + _PUBLIC_TO_INTERNAL["weight"] not in state_dict:
+    """Rename parametrize's internal keys to `weight`/`aux_weight`/`cross_modal_scale` (order W, b, then aux and λ
+    per auxiliary)."""
+    pw = _pathway_of(module)
+    if pw is None or prefix + "parametrizations.weight.original" not in state_dict:
         return
-    weight = state_dict.pop(prefix + _PUBLIC_TO_INTERNAL["weight"])
+    names = _public_to_internal(pw)
+    weight = state_dict.pop(prefix + names["weight"])
     own = [prefix + n for n in (*module._parameters, *module._buffers) if prefix + n in state_dict]
     moved = {k: state_dict.pop(k) for k in own}
     extra = {
         prefix + public: state_dict.pop(prefix + internal)
-        for public, internal in _PUBLIC_TO_INTERNAL.items()
+        for public, internal in names.items()
         if public != "weight" and prefix + internal in state_dict
     }
     state_dict[prefix + "weight"] = weight
@@ -112,12 +169,13 @@ def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *
     values next to the public ones it was given. With `full_state_dict=True` under FSDP2 it gives every rank the
     full tensors and shards those of the names it knows itself; the public ones are sharded here the same way,
     from the local full tensor (no communication)."""
-    if _pathway_of(module) is None:
+    pw = _pathway_of(module)
+    if pw is None:
         return
-    for public, internal in _PUBLIC_TO_INTERNAL.items():
+    for public, internal in _public_to_internal(pw).items():
         if prefix + public in state_dict:
             value = state_dict.pop(prefix + public)
-            if public == SCALE_KEY and isinstance(value, Tensor) and value.ndim == 0:
+            if public.startswith(SCALE_KEY) and isinstance(value, Tensor) and value.ndim == 0:
                 value = value.reshape(1)
             state_dict[prefix + internal] = _like_parameter(module.get_parameter(internal), value)
 
@@ -135,11 +193,15 @@ def _like_parameter(param: Tensor, value: Any) -> Any:
     return distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
 
 
-def _load_post_hook(_module: nn.Module, incompatible: Any) -> None:
+def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
     """Report missing/unexpected keys under their public names, not parametrize's."""
+    pw = _pathway_of(module)
+    if pw is None:
+        return
+    names = _public_to_internal(pw)
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         for i, key in enumerate(keys):
-            for public, internal in _PUBLIC_TO_INTERNAL.items():
+            for public, internal in names.items():
                 if key == internal or key.endswith("." + internal):
                     keys[i] = key[: len(key) - len(internal)] + public
 
@@ -152,20 +214,6 @@ def _load_paired(paired: str | os.PathLike[str]) -> dict[str, Tensor]:
         return ck.to_state_dict()
 
 
-def split_paired(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Split a paired state dict into (plain model keys, pathway keys `P.aux_weight`/`P.cross_modal_scale`)."""
-    plain: dict[str, Tensor] = {}
-    pathway: dict[str, Tensor] = {}
-    for key, value in state.items():
-        leaf = key.rsplit(".", 1)[-1]
-        (pathway if leaf in (AUX_KEY, SCALE_KEY) else plain)[key] = value
-    return plain, pathway
-
-
-def _module_path(key: str, leaf: str) -> str:
-    return key[: -len(leaf) - 1] if key != leaf else ""
-
-
 def _format_problems(problems: list[str], what: str) -> str:
     shown = "\n  - ".join(problems[:_MAX_LISTED])
     more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -176,33 +224,54 @@ def attach(
     model: nn.Module,
     paired: str | os.PathLike[str] | Mapping[str, Tensor],
     *,
-    aux_trainable: bool = True,
-    init_scale: float = 0.0,
+    aux_trainable: bool | Sequence[bool] = True,
+    init_scale: float | Sequence[float] = 0.0,
     layers: Iterable[str] | None = None,
 ) -> nn.Module:
-    """Attach a pathway to every module `P` whose `P.aux_weight` and `P.cross_modal_scale` are in `paired`.
+    """Attach a pathway to every module `P` whose `P.aux_weight` and `P.cross_modal_scale` are in `paired` (and
+    `P.aux_weight_k`/`P.cross_modal_scale_k` of further auxiliaries: `W + Σₖ λₖ·W_auxₖ`).
 
-    In place; returns `model`. `W_aux` is a copy of the paired tensor in the module weight's dtype and device;
-    λ starts at `init_scale` (λ from the file is NOT read: to resume, call
+    In place; returns `model`. Each `W_aux` is a copy of the paired tensor in the module weight's dtype and device;
+    λ takes its shape from the file (one value, or one per qkv chunk or output channel: `mmsurgery pair --scale`)
+    and starts at `init_scale` (λ's values from the file are NOT read: to resume, call
     `model.load_state_dict(hf.to_model_names(model, trained_paired), strict=True)` after attaching). Target
-    weights are not loaded either. For a Hugging Face model `paired` may use the names on disk (what
-    `save_pretrained` writes and `mmsurgery pair` keeps) or the model's own: pathway keys are renamed with
-    transformers' rules (`hf.to_model_names`, the identity for other models); `layers` restricts the attach to
-    some module paths, in the model's names. Everything is checked first (modules exist, have a `.weight`
-    Parameter without parametrization, shapes match, values finite); any problem raises `AttachError` listing
-    them and leaves the model untouched. Attach before wrapping the model in DDP.
+    weights are not loaded either. `aux_trainable` and `init_scale` take one value for every auxiliary or one per
+    auxiliary. For a Hugging Face model `paired` may use the names on disk (what `save_pretrained` writes and
+    `mmsurgery pair` keeps) or the model's own: pathway keys are renamed with transformers' rules
+    (`hf.to_model_names`, the identity for other models); `layers` restricts the attach to some module paths, in
+    the model's names. Everything is checked first (modules exist, have a `.weight` Parameter without
+    parametrization, shapes match, values finite); any problem raises `AttachError` listing them and leaves the
+    model untouched. Attach before wrapping the model in DDP.
     """
     state = _load_paired(paired) if isinstance(paired, (str, os.PathLike)) else paired
     try:
-        state = to_model_names(model, {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in (AUX_KEY, SCALE_KEY)})
+        state = to_model_names(model, split_paired(state)[1])
     except BadInputError as e:
         raise AttachError(f"cannot attach the pathway; the model was not changed: {e}") from None
     problems: list[str] = []
-    aux = {_module_path(k, AUX_KEY): v for k, v in state.items() if k.rsplit(".", 1)[-1] == AUX_KEY}
-    scale = {_module_path(k, SCALE_KEY): v for k, v in state.items() if k.rsplit(".", 1)[-1] == SCALE_KEY}
-    problems += [f"'{p}': has {AUX_KEY} but no {SCALE_KEY}" for p in sorted(aux.keys() - scale.keys())]
-    problems += [f"'{p}': has {SCALE_KEY} but no {AUX_KEY}" for p in sorted(scale.keys() - aux.keys())]
-    paths = [p for p in aux if p in scale]
+    found: dict[str, dict[int, dict[str, Tensor]]] = {}
+    for key, value in state.items():
+        parsed = parse_key(key)
+        assert parsed is not None  # split_paired kept pathway keys only
+        found.setdefault(parsed.module, {}).setdefault(parsed.index, {})[parsed.kind] = value
+    num_aux = max((len(v) for v in found.values()), default=1)
+    for label, what in (("aux_trainable", aux_trainable), ("init_scale", init_scale)):
+        if not isinstance(what, (bool, int, float)) and len(list(what)) != num_aux:
+            problems.append(f"{label}: {len(list(what))} value(s) for {num_aux} auxiliary model(s)")
+    paths: list[str] = []
+    for path, per_aux in found.items():
+        indices = sorted(per_aux)
+        if indices != list(range(len(indices))):
+            problems.append(f"'{path}': auxiliaries numbered {indices}; expected 0..{len(indices) - 1}")
+        elif len(indices) != num_aux:
+            problems.append(f"'{path}': {len(indices)} auxiliary model(s), other layers have {num_aux}")
+        else:
+            half = [k for k in indices if len(per_aux[k]) != 2]
+            for k in half:
+                have, lack = (aux_suffix(k), scale_suffix(k))[:: 1 if "aux" in per_aux[k] else -1]
+                problems.append(f"'{path}': has {have} but no {lack}")
+            if not half:
+                paths.append(path)
     if layers is not None:
         wanted = list(dict.fromkeys(layers))
         missing = [p for p in wanted if p not in paths]
@@ -210,7 +279,7 @@ def attach(
         paths = [p for p in wanted if p in paths]
     if not paths and not problems:
         problems.append(f"no pathway keys (`P.{AUX_KEY}` with `P.{SCALE_KEY}`) in the paired checkpoint")
-    targets: list[tuple[str, nn.Module, nn.Parameter, Tensor]] = []
+    targets: list[tuple[nn.Module, nn.Parameter, list[Tensor], list[tuple[int, ...]]]] = []
     seen: dict[int, str] = {}
     for path in paths:
         try:
@@ -226,36 +295,54 @@ def attach(
         if parametrize.is_parametrized(module, "weight"):
             kind = "a pathway" if _pathway_of(module) is not None else "a parametrization"
             problems.append(f"'{path}': weight already has {kind}; fold or remove it first")
-        elif not isinstance(weight, nn.Parameter):
+            continue
+        if not isinstance(weight, nn.Parameter):
             wrapped = isinstance(getattr(module, "base_layer", None), nn.Module)  # PEFT's adapter layers
             hint = (
                 ": it wraps a base layer (a PEFT adapter?); attach the pathway before get_peft_model" if wrapped else ""
             )
             problems.append(f"'{path}': {type(module).__name__} has no `weight` Parameter{hint}")
-        elif tuple(aux[path].shape) != tuple(weight.shape):
-            problems.append(f"'{path}': aux_weight shape {list(aux[path].shape)} != weight {list(weight.shape)}")
-        elif not (weight.is_floating_point() and aux[path].is_floating_point()):
-            problems.append(f"'{path}': weight and aux_weight must be floating point")
-        elif scale[path].numel() != 1:
-            problems.append(f"'{path}': {SCALE_KEY} must hold one value, got shape {list(scale[path].shape)}")
-        elif not bool(torch.isfinite(aux[path]).all()):
-            problems.append(f"'{path}': aux_weight has non-finite values")
+            continue
+        auxes = [found[path][k]["aux"] for k in range(num_aux)]
+        shapes = [tuple(found[path][k]["scale"].shape) for k in range(num_aux)]
+        bad = _aux_problem(weight, auxes, shapes)
+        if bad:
+            problems.append(f"'{path}': {bad}")
         else:
-            targets.append((path, module, weight, aux[path]))
+            targets.append((module, weight, auxes, [s if s else (1,) for s in shapes]))
     if problems:
         raise AttachError(_format_problems(problems, "cannot attach the pathway"))
-    for _path, module, weight, aux_value in targets:
-        aux_copy = torch.empty_like(weight, requires_grad=False).copy_(aux_value.detach())
-        pathway = Pathway(aux_copy, aux_trainable=aux_trainable, init_scale=init_scale)
+    for module, weight, auxes, shapes in targets:
+        copies = [torch.empty_like(weight, requires_grad=False).copy_(a.detach()) for a in auxes]
+        pathway = Pathway(
+            copies if len(copies) > 1 else copies[0],
+            aux_trainable=aux_trainable,
+            init_scale=init_scale,
+            scale_shapes=shapes,
+        )
         pathway._param_order = tuple(module._parameters)
         parametrize.register_parametrization(module, "weight", pathway)
-        _public_names(module)
+        _public_names(module, pathway)
         pathway._handles = [
             module.register_state_dict_post_hook(_state_dict_post_hook),
             module.register_load_state_dict_pre_hook(_load_pre_hook),
             module.register_load_state_dict_post_hook(_load_post_hook),
         ]
     return model
+
+
+def _aux_problem(weight: Tensor, auxes: list[Tensor], scale_shapes: list[tuple[int, ...]]) -> str | None:
+    for k, (aux, shape) in enumerate(zip(auxes, scale_shapes, strict=True)):
+        if tuple(aux.shape) != tuple(weight.shape):
+            return f"{aux_suffix(k)} shape {list(aux.shape)} != weight {list(weight.shape)}"
+        if not (weight.is_floating_point() and aux.is_floating_point()):
+            return f"weight and {aux_suffix(k)} must be floating point"
+        why = scale_problem(shape, weight.shape)
+        if why is not None:
+            return f"{scale_suffix(k)} {why}"
+        if not bool(torch.isfinite(aux).all()):
+            return f"{aux_suffix(k)} has non-finite values"
+    return None
 
 
 def _entries(model: nn.Module) -> list[tuple[str, nn.Module, Pathway]]:
@@ -267,8 +354,9 @@ def pathway_modules(model: nn.Module) -> dict[str, Pathway]:
     return {name: pw for name, _m, pw in _entries(model)}
 
 
-def scales(model: nn.Module, *, gather: bool = False) -> dict[str, float]:
-    """Module path → current λ.
+def scales(model: nn.Module, *, gather: bool = False) -> dict[str, LayerScales]:
+    """Module path → current λ: a float for one auxiliary with one λ value (the paper's case), else one entry
+    per auxiliary, each a float or the list of a finer λ's values (`paired_format.scale_entry`).
 
     Never a collective by default, so it is safe on any subset of ranks (`if rank == 0: log(scales(model))`).
     Under FSDP2 (`fully_shard`) λ is a DTensor sharded on dim 0: its one value lives on the first rank of the mesh
@@ -277,14 +365,14 @@ def scales(model: nn.Module, *, gather: bool = False) -> dict[str, float]:
     the process group's timeout). `gather=True` all-gathers every λ, so every rank gets them; it is a collective:
     call it on every rank of the mesh, in the same order as the other collectives.
     """
-    values: dict[str, float] = {}
+    values: dict[str, LayerScales] = {}
     elsewhere: list[str] = []
     for name, _m, pw in _entries(model):
-        value = _scale_value(pw.cross_modal_scale.detach(), gather)
-        if value is None:
+        per_aux = [_scale_value(s.detach(), gather) for s in pw.scales]
+        if any(v is None for v in per_aux):
             elsewhere.append(name)
         else:
-            values[name] = value
+            values[name] = scale_entry([v for v in per_aux if v is not None])
     if elsewhere:
         raise BadInputError(
             f"λ of {len(elsewhere)} layer(s) (e.g. '{elsewhere[0]}') is sharded onto another rank (FSDP2 keeps it on "
@@ -293,17 +381,17 @@ def scales(model: nn.Module, *, gather: bool = False) -> dict[str, float]:
     return values
 
 
-def _scale_value(scale: Tensor, gather: bool) -> float | None:
-    """λ as a float: a plain tensor's value; a DTensor's from this rank's shard where that shard is the whole
-    (replicated, or sharded with this rank holding every element), all-gathered if `gather`; otherwise None."""
+def _scale_value(scale: Tensor, gather: bool) -> list[float] | None:
+    """λ's values: a plain tensor's; a DTensor's from this rank's shard where that shard is the whole (replicated,
+    or sharded with this rank holding every element), all-gathered if `gather`; otherwise None."""
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(scale, dtensor):
-        return float(scale.reshape(-1)[0])
+        return scale.reshape(-1).tolist()
     if gather:
-        return float(scale.full_tensor().reshape(-1)[0])
+        return scale.full_tensor().reshape(-1).tolist()
     local = scale.to_local()
     whole = all(p.is_replicate() or p.is_shard() for p in scale.placements) and local.shape == scale.shape
-    return float(local.reshape(-1)[0]) if whole else None
+    return local.reshape(-1).tolist() if whole else None
 
 
 def _dtensor_type() -> type | None:
@@ -343,7 +431,7 @@ def fold(model: nn.Module) -> nn.Module:
         plist = module.parametrizations["weight"]  # type: ignore[index]
         if len(plist) != 1:
             raise FoldError(f"'{name}': weight has {len(plist) - 1} other parametrization(s) on top of the pathway")
-        folded.append(fold_weight(plist.original, pw.cross_modal_scale, pw.aux_weight, name=name))
+        folded.append(fold_weight(plist.original, pw.scales, pw.aux_weights, name=name))
     for (_name, module, pw), new_weight in zip(entries, folded, strict=True):
         for handle in pw._handles:
             handle.remove()
@@ -377,26 +465,30 @@ def param_groups(
     weight_decay: float,
     *,
     lr: float | None = None,
-    scale_lr_mult: float = 1.0,
+    scale_lr_mult: float | Sequence[float] = 1.0,
     decay_names: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer groups: ≥2-D weights (W_aux included) decayed; biases, norms, λ and the model's
-    `no_weight_decay()` names (timm's convention) not decayed; λ alone in a group with `lr_mult` =
-    `scale_lr_mult` (and `lr` = `lr * scale_lr_mult` when `lr` is given). `decay_names` replaces that rule with
-    another's (Trainer's `get_decay_parameter_names`): exactly those parameters are decayed, λ never. Every
-    trainable parameter appears exactly once; frozen ones (a frozen W_aux) and empty groups are left out.
+    `no_weight_decay()` names (timm's convention) not decayed; the λ of each auxiliary alone in a group
+    (`cross_modal_scale`, then `cross_modal_scale_1`, ... for further auxiliaries) with `lr_mult` = `scale_lr_mult`
+    (one value, or one per auxiliary), and `lr` = `lr * lr_mult` when `lr` is given. `decay_names` replaces that
+    rule with another's (Trainer's `get_decay_parameter_names`): exactly those parameters are decayed, λ never.
+    Every trainable parameter appears exactly once; frozen ones (a frozen W_aux) and empty groups are left out.
     """
-    scale_ids = {id(pw.cross_modal_scale) for pw in pathway_modules(model).values()}
+    modules = pathway_modules(model)
+    num_aux = max((pw.num_aux for pw in modules.values()), default=1)
+    mults = _per_aux(scale_lr_mult, num_aux, "scale_lr_mult")
+    scale_index = {id(s): k for pw in modules.values() for k, s in enumerate(pw.scales)}
     skip = _no_decay_names(model)
     names = set(decay_names) if decay_names is not None else None
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    scale: list[nn.Parameter] = []
+    scale: list[list[nn.Parameter]] = [[] for _ in range(num_aux)]
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if id(param) in scale_ids:
-            scale.append(param)
+        if id(param) in scale_index:
+            scale[scale_index[id(param)]].append(param)
         elif (name not in names) if names is not None else (param.ndim <= 1 or name in skip):
             no_decay.append(param)
         else:
@@ -404,7 +496,10 @@ def param_groups(
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-        {"name": SCALE_KEY, "params": scale, "weight_decay": 0.0, "lr_mult": scale_lr_mult},
+        *(
+            {"name": scale_suffix(k), "params": scale[k], "weight_decay": 0.0, "lr_mult": mults[k]}
+            for k in range(num_aux)
+        ),
     ]
     if lr is not None:
         for group in groups:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
+
+from mmsurgery.paired_format import scale_means
 
 # Types only: importing mmsurgery.fold or mmsurgery.verify loads torch, and `inspect` on a safetensors file
 # must not (tests/test_cli_inspect.py runs the console script and checks).
@@ -164,7 +166,21 @@ def wrote(output: object, written: WriteResult | None = None) -> str:
     return escape_controls(f"wrote {output}/ ({names})")
 
 
-def plan(p: Plan, output: object = None, written: WriteResult | None = None) -> Group:
+def plans(ps: Sequence[Plan], output: object = None, written: WriteResult | None = None) -> Group:
+    """One plan table per auxiliary model (one, as always, with one auxiliary)."""
+    if len(ps) == 1:
+        return plan(ps[0], output, written)
+    parts: list[object] = []
+    for k, p in enumerate(ps):
+        parts.append(Text(f"auxiliary {k + 1} of {len(ps)}", style="bold underline"))
+        parts.append(plan(p, None, None, last=False))
+    n = len(ps[0].pairs)
+    parts.append(Text(f"{n} linears with {len(ps)} pathways each: W + Σₖ λₖ·W_auxₖ", style="bold"))
+    parts.append(Text(wrote(output, written) if output else "dry run: nothing written", style="dim"))
+    return Group(*parts)
+
+
+def plan(p: Plan, output: object = None, written: WriteResult | None = None, *, last: bool = True) -> Group:
     table = Table(show_edge=False)
     for col in ("target layer", "aux layer", "transform", "shape", "status"):
         table.add_column(col)
@@ -208,48 +224,65 @@ def plan(p: Plan, output: object = None, written: WriteResult | None = None) -> 
     ]
     for w in p.warnings:
         parts.append(Text(escape_controls(f"warning: {w}"), style="yellow"))
-    parts.append(Text(p.summary, style="bold"))
-    parts.append(Text(wrote(output, written) if output else "dry run: nothing written", style="dim"))
+    mode = f"; λ {p.scale_mode}" if p.scale_mode != "per-linear" else ""
+    parts.append(Text(p.summary + mode, style="bold"))
+    if last:
+        parts.append(Text(wrote(output, written) if output else "dry run: nothing written", style="dim"))
     return Group(*parts)
 
 
 def scale_chart(d: Description, width: int = 12) -> Table:
-    """λ per pathway layer as a bar chart, one row per block and one column per linear role: which layers use
-    the auxiliary pathway, and how much (bars scaled to the largest |λ|; green positive, red negative)."""
+    """λ per pathway layer as a bar chart, one row per block and one column per linear role (a group of columns
+    per auxiliary model when there are several): which layers use the pathway, and how much (bars scaled to the
+    largest |λ|; green positive, red negative; a finer λ, per qkv chunk or channel, is shown by its mean, marked ~)."""
     scales = d.scales or {}
-    peak = max((abs(v) for v in scales.values()), default=0.0) or 1.0
+    means = {layer: scale_means(v) for layer, v in scales.items()}
+    finer = {layer: _finer(v) for layer, v in scales.items()}
+    num_aux = max((len(m) for m in means.values()), default=1)
+    peak = max((abs(x) for m in means.values() for x in m), default=0.0) or 1.0
+    width = max(4, width // num_aux)
     where = {
         lin.key.removesuffix(".weight"): (b.prefix, lin.role) for s in d.stacks for b in s.blocks for lin in b.linears
     }
     order = [b.prefix for s in d.stacks for b in s.blocks]
-    cells: dict[str, dict[str, float]] = {}
-    for layer, value in scales.items():
+    cells: dict[str, dict[tuple[str, int], tuple[float, bool]]] = {}
+    for layer, values in means.items():
         block, role = where.get(layer, (layer, "λ"))
-        cells.setdefault(block, {})[role] = value
+        for k, v in enumerate(values):
+            cells.setdefault(block, {})[(role, k)] = (v, finer[layer][k])
     roles = [
-        r for r in ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "λ") if any(r in c for c in cells.values())
+        r
+        for r in ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "λ")
+        if any((r, 0) in c for c in cells.values())
     ]
+    columns = [(r, k) for k in range(num_aux) for r in roles]
+    what = f"{len(scales)} pathways" + (f" × {num_aux} auxiliaries" if num_aux > 1 else "")
     table = Table(
-        title=f"λ per layer: {len(scales)} pathways, bars scaled to max |λ| = {peak:.3g}",
-        title_justify="left",
-        show_edge=False,
+        title=f"λ per layer: {what}, bars scaled to max |λ| = {peak:.3g}", title_justify="left", show_edge=False
     )
     table.add_column("block")
-    for role in roles:
-        table.add_column(role)
+    for role, k in columns:
+        table.add_column(role if num_aux == 1 else f"{role} (aux {k + 1})")
     for block, row in sorted(cells.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         rendered = []
-        for role in roles:
-            if role not in row:
+        for column in columns:
+            if column not in row:
                 rendered.append(Text("-", style="dim"))
                 continue
-            v = row[role]
+            v, is_mean = row[column]
             bar = "█" * round(abs(v) / peak * width)
             rendered.append(
-                Text(f"{v:+.3f} ", style="bold") + Text(bar.ljust(width, "·"), style="green" if v >= 0 else "red")
+                Text(f"{'~' if is_mean else ''}{v:+.3f} ", style="bold")
+                + Text(bar.ljust(width, "·"), style="green" if v >= 0 else "red")
             )
         table.add_row(escape_controls(block.rstrip(".")), *rendered)
     return table
+
+
+def _finer(entry: object) -> list[bool]:
+    """Per auxiliary: is λ finer than one value (so the chart shows its mean)?"""
+    items = [entry] if isinstance(entry, (int, float)) else list(entry)  # type: ignore[call-overload]
+    return [not isinstance(v, (int, float)) for v in items]
 
 
 def fold_result(r: FoldResult) -> Text:
@@ -258,7 +291,7 @@ def fold_result(r: FoldResult) -> Text:
             escape_controls(f"{r.source} holds no pathway tensors: already plain, nothing written"), style="bold"
         )
     size = human_bytes(r.written.total_size) if r.written else "0 B"
-    lam = ", ".join(f"{v:+.3g}" for v in list(r.scales.values())[:4])
+    lam = ", ".join("/".join(f"{x:+.3g}" for x in scale_means(v)) for v in list(r.scales.values())[:4])
     more = ", ..." if len(r.scales) > 4 else ""
     return Text.assemble(
         (f"folded {len(r.scales)} pathways", "bold"),

@@ -118,10 +118,11 @@ def test_os_refusal_escaping_a_command_is_exit_2(monkeypatch, capsys: pytest.Cap
     assert one_clean_line(capsys.readouterr().err) == "error: /data/m.safetensors: Permission denied"
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 5)])
 def test_misshapen_lambda_is_refused_by_inspect_and_fold(tmp_path: Path, shape, cli) -> None:
     """λ [1, 1, 1] broadcast W + λ·W_aux to [1, out, in] in fold: the writer caught the shape as an internal error
-    (exit 3). `inspect` read its one value; both now refuse it by the format's rule, λ of shape [1] or []."""
+    (exit 3). `inspect` read its one value; both now refuse it by the format's rule (`paired_format.scale_problem`):
+    one value ([1] or []), or W's rank with sizes dividing W's — 5 divides none of the tiny ViT's 32/96/128."""
     path = paired_with_scale_shape(tmp_path / "p.safetensors", shape)
     for args in (["inspect", path], ["fold", path, "-o", tmp_path / "o.safetensors"]):
         r = cli(*args)

@@ -39,11 +39,19 @@ def sha256_of(files: Sequence[Path], opener: Opener | None = None) -> str:
     return hashlib.sha256("".join(f"{n} {d}\n" for n, d in sorted(digests)).encode()).hexdigest()
 
 
+def placeholder(slot: int) -> str:
+    """64 characters that are not hex digits, different for every slot (slots 0-3: one letter repeated)."""
+    char = PLACEHOLDER_CHARS[slot % len(PLACEHOLDER_CHARS)]
+    if slot < len(PLACEHOLDER_CHARS):
+        return char * 64
+    return char * 56 + f"{slot:08d}".translate(str.maketrans("0123456789", "ghijklmnop"))
+
+
 class HashJob:
     """`sha256_of(files)` running in a daemon thread; `placeholder` is a same-length stand-in for the digest."""
 
     def __init__(self, files: Sequence[Path], slot: int = 0, opener: Opener | None = None) -> None:
-        self.placeholder = PLACEHOLDER_CHARS[slot % len(PLACEHOLDER_CHARS)] * 64
+        self.placeholder = placeholder(slot)
         self._result: str | None = None
         self._error: BaseException | None = None
         self._opener = opener

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
+from mmsurgery.layout.timm_vit import block_linear_names, timm_vit_fields
+from mmsurgery.paired_format import VIT_KEY
 
 __all__ = [
     "METADATA_KEY",
@@ -37,10 +37,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "mmsurgery.vit"
+METADATA_KEY = VIT_KEY
 """Safetensors metadata key holding `ViTConfig.to_dict()` as JSON (the only way to carry `num_heads`)."""
-
-BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 @dataclass(frozen=True)
@@ -192,7 +190,7 @@ class VisionTransformer(nn.Module):
 
     def block_linear_names(self) -> list[str]:
         """Module paths of the four linears per block that carry a pathway in M2PT, in block order."""
-        return [f"blocks.{i}.{name}" for i in range(len(self.blocks)) for name in BLOCK_LINEARS]
+        return block_linear_names(len(self.blocks))
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)
@@ -234,32 +232,7 @@ def config_from_state_dict(
     1024→16), WRONG for ViT-H/14 (1280 → 20, but timm uses 16) and giant variants; pass `num_heads` for those.
     """
     shapes = {k: _shape(v) for k, v in state.items()}
-    for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "norm.weight"):
-        if key not in shapes:
-            raise BadInputError(f"not a timm-style ViT state dict: '{key}' is missing")
-    embed_dim, in_chans, patch_h, patch_w = shapes["patch_embed.proj.weight"]
-    if patch_h != patch_w:
-        raise BadInputError(f"non-square patches {patch_h}x{patch_w} are not supported")
-    n_tokens = shapes["pos_embed"][1]
-    grid = math.isqrt(n_tokens - 1)
-    if grid * grid != n_tokens - 1:
-        raise BadInputError(f"pos_embed has {n_tokens} positions; expected 1 cls position + a square patch grid")
-    block_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not block_ids or block_ids != set(range(len(block_ids))):
-        raise BadInputError(f"block indices must be 0..depth-1, found {sorted(block_ids)}")
-    if "blocks.0.mlp.fc1.weight" not in shapes:
-        raise BadInputError("not a timm-style ViT state dict: 'blocks.0.mlp.fc1.weight' is missing")
-    head = shapes.get("head.weight")
-    inferred: dict[str, Any] = {
-        "img_size": grid * patch_h,
-        "patch_size": patch_h,
-        "in_chans": in_chans,
-        "embed_dim": embed_dim,
-        "depth": len(block_ids),
-        "mlp_hidden": shapes["blocks.0.mlp.fc1.weight"][0],
-        "num_classes": head[0] if head else 0,
-        "qkv_bias": "blocks.0.attn.qkv.bias" in shapes,
-    }
+    inferred = timm_vit_fields(shapes)
     meta_cfg: dict[str, Any] = {}
     if metadata and METADATA_KEY in metadata:
         try:
@@ -274,8 +247,8 @@ def config_from_state_dict(
     if num_heads is None:
         num_heads = meta_cfg.get("num_heads")
     if num_heads is None:
-        num_heads = _default_heads(embed_dim)
-        log.info("num_heads=%d from the head-dim-64 rule (embed_dim %d)", num_heads, embed_dim)
+        num_heads = _default_heads(inferred["embed_dim"])
+        log.info("num_heads=%d from the head-dim-64 rule (embed_dim %d)", num_heads, inferred["embed_dim"])
     fields = {**inferred, "num_heads": num_heads, "gelu_approximate": meta_cfg.get("gelu_approximate", "none")}
     try:
         return ViTConfig(**fields)

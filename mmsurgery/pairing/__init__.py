@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import open_checkpoint
-from mmsurgery.errors import BadInputError
+from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.hf import output_for
 from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_map
 from mmsurgery.pairing.paired import PairedWrite, default_output, write_paired
@@ -35,25 +36,72 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PairResult:
-    plan: Plan
+    plan: Plan  # the first auxiliary's plan (the only one, with one auxiliary)
     output: Path | None  # what to open or `from_pretrained`: a model folder, an index, or the file; None: dry run
     written: PairedWrite | None
+    plans: tuple[Plan, ...] = ()  # one per auxiliary, in order
+
+    def to_json(self) -> dict[str, Any]:
+        """One auxiliary: the plan's JSON (+ `output`), as always; several: `{"plans": [...], "output"}`."""
+        plans = self.plans or (self.plan,)
+        data = plans[0].to_json() if len(plans) == 1 else {"plans": [p.to_json() for p in plans]}
+        data["output"] = str(self.output) if self.output else None
+        return data
+
+
+def _per_aux(value: Any, n: int, option: str) -> list[Any]:
+    """One value for every auxiliary, or one per auxiliary."""
+    if value is None or isinstance(value, (str, os.PathLike, Mapping)):
+        return [value] * n
+    values = list(value)
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise BadInputError(f"{option}: {len(values)} values for {n} auxiliary models; give one, or one per model")
+    return values
+
+
+def _common(plans: list[Plan]) -> list[Plan]:
+    """Several auxiliaries: keep the linears every one of them pairs (each pathway has one λ per auxiliary); a
+    linear some pair and others skip becomes a skip in every plan, with the reason of the first that skipped it."""
+    if len(plans) == 1:
+        return plans
+    paired = [{p.target_key for p in pl.pairs} for pl in plans]
+    everywhere = set.intersection(*paired)
+    why: dict[str, str] = {}
+    for k, pl in enumerate(plans):
+        for s in pl.skips:
+            why.setdefault(s.target_key, f"auxiliary {k + 1} skips it: {s.reason}")
+    out = []
+    for pl in plans:
+        dropped = [p for p in pl.pairs if p.target_key not in everywhere]
+        skips = [
+            Skip(p.target_key, p.target_shape, p.target_block, p.role, p.aux_keys, None, why[p.target_key])
+            for p in dropped
+        ]
+        out.append(
+            replace(pl, pairs=tuple(p for p in pl.pairs if p.target_key in everywhere), skips=pl.skips + tuple(skips))
+        )
+    if not everywhere:
+        raise PairingError("nothing paired: no linear is paired by every auxiliary model")
+    return out
 
 
 def pair(
     target: str | os.PathLike[str],
-    aux: str | os.PathLike[str],
+    aux: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str] | None = None,
     *,
     roles: Sequence[str] | None = None,
-    depth: str = "stretch",
-    map_file: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    depth: str | Sequence[str] = "stretch",
+    map_file: str | os.PathLike[str] | Mapping[str, Any] | Sequence[Any] | None = None,
     target_stack: str | None = None,
-    aux_stack: str | None = None,
+    aux_stack: str | Sequence[str | None] | None = None,
     target_key: str | None = None,
-    aux_key: str | None = None,
+    aux_key: str | Sequence[str | None] | None = None,
     strict: bool = False,
     init_scale: float = 0.0,
+    scale: str = "per-linear",
     heads: int | None = None,
     force: bool = False,
     shard_size: int | str | None = None,
@@ -65,29 +113,49 @@ def pair(
     whose λ is NaN or infinite could never be folded. `on_progress(bytes_written, bytes_total)` is called after
     each tensor written.
 
+    `aux` may be several auxiliary models: `W + Σₖ λₖ·W_auxₖ`, the k-th one's tensors named `P.aux_weight_k` and
+    `P.cross_modal_scale_k` (k ≥ 1; the first keeps M2PT's names). `depth`, `map_file`, `aux_stack` and `aux_key`
+    take one value for all or one per auxiliary; only linears every auxiliary pairs get a pathway. `scale` is
+    λ's granularity: `per-linear` (one value, the paper's code), `per-qkv` (one per q/k/v chunk of a fused qkv),
+    `per-channel` (one per output channel).
+
     A `target` that is a Hugging Face model folder (a folder with `config.json`) gives a model folder:
     `<target>.paired/` beside it by default, or the folder `out` names, holding `model.safetensors` (or shards and
     their index) and the target's `config.json`, processor and tokenizer files (`hf.model_folder`), so
     `from_pretrained` loads it as is; `out` naming a `.safetensors` file still writes that one file."""
     if not math.isfinite(init_scale):
         raise BadInputError(f"--init-scale {init_scale}: λ must start at a finite number (the paper's is 0)")
-    with open_checkpoint(target, key=target_key) as t, open_checkpoint(aux, key=aux_key) as a:
-        options: dict[str, Any] = dict(
-            roles=roles, depth=depth, map_file=map_file, target_stack=target_stack, aux_stack=aux_stack, strict=strict
-        )
+    aux_paths = [aux] if isinstance(aux, (str, os.PathLike)) else list(aux)
+    if not aux_paths:
+        raise BadInputError("pair needs at least one auxiliary model")
+    n = len(aux_paths)
+    depths, maps = _per_aux(depth, n, "--depth"), _per_aux(map_file, n, "--map")
+    stacks, keys = _per_aux(aux_stack, n, "--aux-stack"), _per_aux(aux_key, n, "--aux-key")
+    with contextlib.ExitStack() as stack:
+        t = stack.enter_context(open_checkpoint(target, key=target_key))
+        auxes = [stack.enter_context(open_checkpoint(a, key=k)) for a, k in zip(aux_paths, keys, strict=True)]
+        common: dict[str, Any] = dict(roles=roles, target_stack=target_stack, strict=strict, scale=scale)
+
+        def options(k: int) -> dict[str, Any]:
+            return common | dict(depth=depths[k], map_file=maps[k], aux_stack=stacks[k], aux_index=k)
+
         if dry_run:
-            return PairResult(align(t, a, **options), None, None)
-        jobs = (
-            HashJob(t.files, 0, t.open_pinned),
-            HashJob(a.files, 1, a.open_pinned),
-        )  # hashed on the other core while tensors stream
-        plan = align(t, a, digests=(jobs[0].placeholder, jobs[1].placeholder), **options)
+            plans = _common([align(t, a, **options(k)) for k, a in enumerate(auxes)])
+            return PairResult(plans[0], None, None, tuple(plans))
+        jobs = [HashJob(t.files, 0, t.open_pinned)]  # hashed on the other core while tensors stream
+        jobs += [HashJob(a.files, k + 1, a.open_pinned) for k, a in enumerate(auxes)]
+        plans = _common(
+            [
+                align(t, a, digests=(jobs[0].placeholder, jobs[k + 1].placeholder), **options(k))
+                for k, a in enumerate(auxes)
+            ]
+        )
         dest, extra_files = output_for(out, target, default_output(t.path), ".paired")
         digests = {job.placeholder: job for job in jobs}
         written = write_paired(
-            plan,
+            plans,
             t,
-            a,
+            auxes,
             dest,
             init_scale=init_scale,
             heads=heads,
@@ -97,10 +165,13 @@ def pair(
             extra_files=extra_files,
             on_progress=on_progress,
         )
-        final = replace(
-            plan,
-            target=replace(plan.target, sha256=jobs[0].result()),
-            aux=replace(plan.aux, sha256=jobs[1].result()),
+        final = tuple(
+            replace(
+                pl,
+                target=replace(pl.target, sha256=jobs[0].result()),
+                aux=replace(pl.aux, sha256=jobs[k + 1].result()),
+            )
+            for k, pl in enumerate(plans)
         )
         output = written.result.path.parent if extra_files is not None else written.result.path
-        return PairResult(final, output, written)
+        return PairResult(final[0], output, written, final)

@@ -13,6 +13,7 @@ from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint
 from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.layout.detect import Block, Linear, Stack, choose_stack, detect
+from mmsurgery.paired_format import SCALE_MODES, scale_shape
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
 from mmsurgery.pairing.transforms import Transform
 
@@ -116,14 +117,20 @@ def align(
     aux_stack: str | None = None,
     strict: bool = False,
     digests: tuple[str, str] | None = None,
+    aux_index: int = 0,
+    scale: str = "per-linear",
 ) -> Plan:
     """Pair each target block linear of the chosen roles with its auxiliary counterpart.
 
     Width mismatches are skipped and reported; `strict` turns any skip into a `PairingError`; nothing paired at
     all is always a `PairingError`. `digests` are the inputs' sha256 (or placeholders the writer patches);
     by default both files are hashed here, in parallel. `map_file` ({"blocks": {"i": j|null}, "linears": {target_key: aux_key |
-    [q, k, v] | null}}) overrides the depth policy and individual pairings.
+    [q, k, v] | null}}) overrides the depth policy and individual pairings. `aux_index` numbers this auxiliary
+    among several paired into one file (its keys: `paired_format.aux_key`); `scale` is λ's granularity
+    (`paired_format.scale_shape`: per-linear, per-qkv, per-channel).
     """
+    if scale not in SCALE_MODES:
+        raise BadInputError(f"--scale {scale!r}: choose one of {', '.join(SCALE_MODES)}")
     if digests is None:
         jobs = HashJob(target.files, 0, target.open_pinned), HashJob(aux.files, 1, aux.open_pinned)
         digests = jobs[0].result(), jobs[1].result()
@@ -174,13 +181,15 @@ def align(
                 keys = (entry,) if isinstance(entry, str) else tuple(entry)
                 proposal: Any = _transform_for_keys(lin, keys, aux_linears, a_conv, t_conv)
                 proposal = (keys, proposal) if isinstance(proposal, Transform) else proposal
-                aux_index = next((b.index for b in a_stack.blocks if any(x.key == keys[0] for x in b.linears)), None)
+                aux_block_index = next(
+                    (b.index for b in a_stack.blocks if any(x.key == keys[0] for x in b.linears)), None
+                )
             elif aux_block is None:
                 skip(f"no aux block for target block {block.index} (--depth {depth})")
                 continue
             else:
                 proposal = _propose(lin, aux_block, a_conv, t_conv)
-                aux_index = aux_block.index
+                aux_block_index = aux_block.index
             if isinstance(proposal, str):
                 skip(proposal)
                 continue
@@ -189,7 +198,10 @@ def align(
             if got != lin.shape:
                 skip(_mismatch(lin, got, t_conv), keys, got)
                 continue
-            pairs.append(Pair(lin.key, lin.shape, block.index, lin.role, keys, aux_index, transform))
+            lam = scale_shape(scale, lin.shape, fused_qkv=lin.role == "qkv", conv1d=t_conv)
+            pairs.append(
+                Pair(lin.key, lin.shape, block.index, lin.role, keys, aux_block_index, transform, aux_index, lam)
+            )
 
     plan = Plan(
         target=_source(target, t_stack, digests[0]),
@@ -201,6 +213,8 @@ def align(
         skips=tuple(skips),
         warnings=tuple(_warnings(t_stack, a_stack, pairs)),
         map_file=None if map_file is None or isinstance(map_file, Mapping) else str(map_file),
+        aux_index=aux_index,
+        scale_mode=scale,
     )
     if not pairs:
         first = skips[0].reason if skips else "no linears of the chosen roles"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,15 @@ from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError
-from mmsurgery.paired_format import FORMAT_KEY, PAIRED_FORMAT, PLAN_KEY, VERSION_KEY, VIT_KEY
+from mmsurgery.paired_format import (
+    FORMAT_KEY,
+    INIT_SCALE_KEY,
+    SCALE_MODE_KEY,
+    VERSION_KEY,
+    VIT_KEY,
+    paired_format,
+    plan_key,
+)
 from mmsurgery.pairing.plan import Plan
 
 
@@ -50,9 +58,9 @@ def vit_metadata(target: Checkpoint, heads: int | None) -> str | None:
 
 
 def write_paired(
-    plan: Plan,
+    plan: Plan | Sequence[Plan],
     target: Checkpoint,
-    aux: Checkpoint,
+    aux: Checkpoint | Sequence[Checkpoint],
     out: str | os.PathLike[str],
     *,
     init_scale: float = 0.0,
@@ -63,27 +71,35 @@ def write_paired(
     extra_files: Mapping[str, Path] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PairedWrite:
-    """Stream the paired checkpoint to `out`. `digests` maps placeholders in the plan to the hash jobs whose
-    results replace them in the header at commit; `extra_files` (a folder output's other files, such as a model
-    folder's `config.json`) are published with it."""
+    """Stream the paired checkpoint to `out`: the target's tensors, then per auxiliary (one plan and one
+    checkpoint each, in order) its `aux_weight` and `cross_modal_scale` per paired linear. `digests` maps
+    placeholders in the plans to the hash jobs whose results replace them in the header at commit; `extra_files`
+    (a folder output's other files, such as a model folder's `config.json`) are published with it."""
     import torch
 
-    clash = [p.aux_weight_key for p in plan.pairs if p.aux_weight_key in target.infos]
+    plans = [plan] if isinstance(plan, Plan) else list(plan)
+    auxes = [aux] if isinstance(aux, Checkpoint) else list(aux)
+    clash = [p.aux_weight_key for pl in plans for p in pl.pairs if p.aux_weight_key in target.infos]
     if clash:
         raise BadInputError(f"{target.path} already holds pathway tensors (e.g. {clash[0]}): it is already paired")
     specs = list(target.infos.values())
-    for p in plan.pairs:
-        dtype = target.infos[p.target_key].dtype
-        specs.append(TensorInfo(p.aux_weight_key, dtype, p.target_shape))
-        specs.append(TensorInfo(p.scale_key, "float32", (1,)))  # λ stays float32, as the pathway keeps it
+    for pl in plans:
+        for p in pl.pairs:
+            dtype = target.infos[p.target_key].dtype
+            specs.append(TensorInfo(p.aux_weight_key, dtype, p.target_shape))
+            specs.append(TensorInfo(p.scale_key, "float32", p.scale_shape))  # λ stays float32, as the pathway keeps it
+    mode = plans[0].scale_mode
     metadata = {k: v for k, v in target.metadata.items() if not k.startswith("mmsurgery.")}
     metadata["format"] = "pt"  # torch tensors, as transformers writes it; readers that check it expect "pt"
-    metadata |= {FORMAT_KEY: PAIRED_FORMAT, VERSION_KEY: __version__, PLAN_KEY: plan.dumps()}
-    metadata["mmsurgery.init_scale"] = repr(float(init_scale))
+    metadata |= {FORMAT_KEY: paired_format(len(plans), mode), VERSION_KEY: __version__}
+    metadata |= {plan_key(k): pl.dumps() for k, pl in enumerate(plans)}
+    metadata[INIT_SCALE_KEY] = repr(float(init_scale))
+    if mode != "per-linear":
+        metadata[SCALE_MODE_KEY] = mode
     vit = vit_metadata(target, heads)
     if vit is not None:
         metadata[VIT_KEY] = vit
-    inputs = [target.path, *target.files, aux.path, *aux.files]  # an index is an input too
+    inputs = [target.path, *target.files, *(f for a in auxes for f in (a.path, *a.files))]  # an index is an input too
     with SafetensorsWriter(
         out,
         specs,
@@ -98,10 +114,11 @@ def write_paired(
         buf = torch.empty(largest, dtype=torch.uint8)  # reused: no fresh pages per tensor
         for name in target.infos:
             w.write(name, target.read_into(name, buf))
-        for p in plan.pairs:
-            dtype = getattr(torch, target.infos[p.target_key].dtype)  # from the header: no second read
-            w.write(p.aux_weight_key, p.transform.apply([aux.get(k) for k in p.aux_keys], dtype=dtype))
-            w.write(p.scale_key, torch.full((1,), float(init_scale), dtype=torch.float32))
+        for pl, a in zip(plans, auxes, strict=True):
+            for p in pl.pairs:
+                dtype = getattr(torch, target.infos[p.target_key].dtype)  # from the header: no second read
+                w.write(p.aux_weight_key, p.transform.apply([a.get(k) for k in p.aux_keys], dtype=dtype))
+                w.write(p.scale_key, torch.full(p.scale_shape, float(init_scale), dtype=torch.float32))
         patch = {ph: job.result() for ph, job in (digests or {}).items()}
         result = w.commit(patch=patch)
         for ph, digest in patch.items():

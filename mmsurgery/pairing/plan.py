@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX
+from mmsurgery.paired_format import aux_key, scale_key
 from mmsurgery.pairing.transforms import Transform
 
 SCHEMA = "mmsurgery.plan/1"
@@ -40,6 +40,8 @@ class Pair:
     aux_keys: tuple[str, ...]
     aux_block: int | None
     transform: Transform
+    aux_index: int = 0  # which auxiliary model (0: the first, whose keys are M2PT's)
+    scale_shape: tuple[int, ...] = (1,)  # λ's shape (`paired_format.scale_shape`)
 
     @property
     def module(self) -> str:
@@ -47,23 +49,27 @@ class Pair:
 
     @property
     def aux_weight_key(self) -> str:
-        return f"{self.module}.{AUX_SUFFIX}"
+        return aux_key(self.module, self.aux_index)
 
     @property
     def scale_key(self) -> str:
-        return f"{self.module}.{SCALE_SUFFIX}"
+        return scale_key(self.module, self.aux_index)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target_key,
-            "target_shape": list(self.target_shape),
-            "target_block": self.target_block,
-            "role": self.role,
-            "aux": list(self.aux_keys),
-            "aux_block": self.aux_block,
-            "transform": self.transform.describe(),
-            "transform_spec": self.transform.to_json(),
-        }
+        return (
+            {
+                "target": self.target_key,
+                "target_shape": list(self.target_shape),
+                "target_block": self.target_block,
+                "role": self.role,
+                "aux": list(self.aux_keys),
+                "aux_block": self.aux_block,
+                "transform": self.transform.describe(),
+                "transform_spec": self.transform.to_json(),
+            }
+            | ({"aux_index": self.aux_index} if self.aux_index else {})
+            | ({"scale_shape": list(self.scale_shape)} if self.scale_shape != (1,) else {})
+        )
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Pair:
@@ -75,6 +81,8 @@ class Pair:
             tuple(d["aux"]),
             d["aux_block"],
             Transform.from_json(d["transform_spec"]),
+            int(d.get("aux_index", 0)),
+            tuple(d.get("scale_shape", (1,))),
         )
 
 
@@ -111,6 +119,8 @@ class Plan:
     skips: tuple[Skip, ...]
     warnings: tuple[str, ...] = ()
     map_file: str | None = None
+    aux_index: int = 0  # this plan's auxiliary, when several are paired into one file
+    scale_mode: str = "per-linear"
 
     @property
     def summary(self) -> str:
@@ -121,21 +131,25 @@ class Plan:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "target": self.target.to_json(),
-            "aux": self.aux.to_json(),
-            "depth_policy": self.depth_policy,
-            "depth_map": list(self.depth_map),
-            "roles": list(self.roles),
-            "map_file": self.map_file,
-            "paired": len(self.pairs),
-            "skipped": len(self.skips),
-            "summary": self.summary,
-            "pairs": [p.to_json() for p in self.pairs],
-            "skips": [s.to_json() for s in self.skips],
-            "warnings": list(self.warnings),
-        }
+        return (
+            {
+                "schema": SCHEMA,
+                "target": self.target.to_json(),
+                "aux": self.aux.to_json(),
+                "depth_policy": self.depth_policy,
+                "depth_map": list(self.depth_map),
+                "roles": list(self.roles),
+                "map_file": self.map_file,
+                "paired": len(self.pairs),
+                "skipped": len(self.skips),
+                "summary": self.summary,
+                "pairs": [p.to_json() for p in self.pairs],
+                "skips": [s.to_json() for s in self.skips],
+                "warnings": list(self.warnings),
+            }
+            | ({"aux_index": self.aux_index} if self.aux_index else {})
+            | ({"scale_mode": self.scale_mode} if self.scale_mode != "per-linear" else {})
+        )
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), separators=(",", ":"))
@@ -163,4 +177,6 @@ class Plan:
             ),
             tuple(d.get("warnings", ())),
             d.get("map_file"),
+            int(d.get("aux_index", 0)),
+            d.get("scale_mode", "per-linear"),
         )

@@ -28,7 +28,8 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import BadInputError, MMSurgeryError
 from mmsurgery.hf import to_disk_names, to_model_names
-from mmsurgery.pathway import attach, scales, split_paired
+from mmsurgery.paired_format import scale_values, split_paired
+from mmsurgery.pathway import attach, scales
 from mmsurgery.verify import cost, latency, onnx_stage
 from mmsurgery.verify.arch import Arch, load_arch
 from mmsurgery.verify.compare import Comparison, Tolerance, compare_outputs, flatten_outputs, summarize, tolerances_for
@@ -166,7 +167,7 @@ def _stage_fold(run: _Run, paired_ck: Checkpoint) -> StageResult:
     )
     numbers |= {
         "pathways": len(lam),
-        "max_abs_lambda": max((abs(v) for v in lam.values()), default=0.0),
+        "max_abs_lambda": max((abs(x) for v in lam.values() for x in scale_values(v)), default=0.0),
         "pathway_effect_max_abs": effect,
         "compared": "PLAIN (folded) vs PAIRED with its pathway (unfolded), PyTorch float32 eval",
     }

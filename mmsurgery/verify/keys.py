@@ -8,17 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmsurgery.pathway import AUX_KEY, SCALE_KEY
+from mmsurgery.paired_format import is_pathway_key
 from mmsurgery.verify.report import StageResult
 
 __all__ = ["check_keys", "is_pathway_key"]
 
 Shapes = Mapping[str, Sequence[int]]
 _LISTED = 20
-
-
-def is_pathway_key(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in (AUX_KEY, SCALE_KEY)
 
 
 def _diff(have: Shapes, want: Shapes) -> dict[str, Any]:
