@@ -1,7 +1,7 @@
 """`mmsurgery fold` on ViT-L- and ViT-H-sized synthetic paired checkpoints, against `cp` of the output bytes and
 a naive fold (load both whole, add, save), all in the same run, interleaved, each in its own process.
 
-    .venv/bin/python benchmarks/fold.py [--sizes vit_l,vit_h] [--repeats 7] [--skip-naive] [--unhashed] [--dir DIR]
+    .venv/bin/python benchmarks/fold.py [--sizes vit_l,vit_h] [--repeats 7] [--skip-naive] [--dir DIR]
 
 Reported: wall time after imports (and of the whole process), its ratio to the floor (issue 13: `cat PAIRED >
 /dev/null` + `cp TARGET OUT && sync OUT`; the median of the ratios per round, and the ratio of medians), peak RSS (VmHWM: it counts memory-mapped input pages, which are reclaimable page cache) and
@@ -38,20 +38,7 @@ import os; os.sync()
 """
 
 
-# The input's sha256 replaced by a thread-free stand-in; everything else is the real fold_file.
-UNHASHED = """
-import mmsurgery.fold as fold_module
-class NoHash:
-    placeholder = "x" * 64
-    running = False
-    def __init__(self, *args, **kwargs): pass
-    def result(self): return "0" * 64
-fold_module.HashJob = NoHash
-from mmsurgery.fold import fold_file
-"""
-
-
-def bench(size: str, repeats: int, root: Path, skip_naive: bool = False, unhashed: bool = False) -> None:
+def bench(size: str, repeats: int, root: Path, skip_naive: bool = False) -> None:
     work = root / f"fold-{size}"
     work.mkdir(parents=True, exist_ok=True)
     target, aux, paired = work / "target.safetensors", work / "aux.safetensors", work / "paired.safetensors"
@@ -82,8 +69,10 @@ def bench(size: str, repeats: int, root: Path, skip_naive: bool = False, unhashe
         return r
 
     def fold_unhashed() -> dict[str, float]:
-        """Diagnostic: the same fold with the provenance sha256 stubbed out (the digest recorded is zeros)."""
-        r = run_child(UNHASHED, f"fold_file({str(paired)!r}, {str(out)!r})")
+        """`mmsurgery fold --no-source-hash`: the same fold without the provenance sha256 of the input."""
+        r = run_child(
+            "from mmsurgery.fold import fold_file", f"fold_file({str(paired)!r}, {str(out)!r}, source_hash=False)"
+        )
         out.unlink()
         return r
 
@@ -96,11 +85,15 @@ def bench(size: str, repeats: int, root: Path, skip_naive: bool = False, unhashe
     def imports() -> dict[str, float]:
         return run_child("from mmsurgery.fold import fold_file", "pass")
 
-    variants = {"floor (cat + cp + sync)": cp, "mmsurgery fold": fold, "naive fold": naive, "imports only": imports}
+    variants = {
+        "floor (cat + cp + sync)": cp,
+        "mmsurgery fold": fold,
+        "mmsurgery fold --no-source-hash": fold_unhashed,
+        "naive fold": naive,
+        "imports only": imports,
+    }
     if skip_naive:
         del variants["naive fold"]
-    if unhashed:
-        variants["fold, sha256 stubbed (diagnostic)"] = fold_unhashed
     results = interleave(variants, repeats)
     gb = target.stat().st_size / 1e9
     print(
@@ -116,15 +109,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--skip-naive", action="store_true", help="Leave out the naive fold (it needs ~4-8 GB).")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "mmsurgery-bench")
-    ap.add_argument(
-        "--unhashed",
-        action="store_true",
-        help="Also time the fold with its provenance sha256 stubbed out, to show what the hash costs.",
-    )
     ap.add_argument("--keep", action="store_true", help="Keep the synthetic files for another run.")
     args = ap.parse_args()
     for size in args.sizes.split(","):
-        bench(size, args.repeats, args.dir, args.skip_naive, args.unhashed)
+        bench(size, args.repeats, args.dir, args.skip_naive)
     print(f"\ncommand: {' '.join(sys.argv)}")
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)

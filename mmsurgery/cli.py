@@ -201,6 +201,13 @@ def fold(
     key: KeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    no_source_hash: Annotated[
+        bool,
+        typer.Option(
+            "--no-source-hash",
+            help="Do not hash PAIRED for the output's provenance metadata (on a fast disk the largest cost of a fold).",
+        ),
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar (it is drawn only on a terminal, for long jobs).")
     ] = False,
@@ -211,7 +218,14 @@ def fold(
 
     with render.byte_progress("fold", quiet=quiet) as on_progress:
         result = fold_file(
-            paired, out, dtype=dtype, shard_size=shard_size, force=force, key=key, on_progress=on_progress
+            paired,
+            out,
+            dtype=dtype,
+            shard_size=shard_size,
+            force=force,
+            key=key,
+            on_progress=on_progress,
+            source_hash=not no_source_hash,
         )
     if as_json:
         print(json.dumps(result.to_json(), indent=2))

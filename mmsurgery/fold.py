@@ -49,7 +49,7 @@ class FoldResult:
     output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
     scales: dict[str, LayerScales]  # module path -> λ (`paired_format.scale_entry`)
     num_tensors: int
-    sha256: str
+    sha256: str | None  # of the paired input; None with source_hash=False
     written: WriteResult | None
 
     @property
@@ -172,13 +172,13 @@ def plain_tensors(ck: Checkpoint, dtype: str = "keep") -> PlainTensors:
 
 
 @contextlib.contextmanager
-def _leave_a_core(hashing: HashJob) -> Iterator[None]:
+def _leave_a_core(hashing: HashJob | None) -> Iterator[None]:
     """One torch thread fewer while the sha256 runs on its own thread: on a 2-core machine two OpenMP threads
     beside the hash thread stall each elementwise fold on the preempted one (the arithmetic took 2.5× as long)."""
     import torch
 
     threads = torch.get_num_threads()
-    if threads > 1 and hashing.running:
+    if threads > 1 and hashing is not None and hashing.running:
         torch.set_num_threads(threads - 1)
     try:
         yield
@@ -196,6 +196,7 @@ def fold_file(
     force: bool = False,
     key: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    source_hash: bool = True,
 ) -> FoldResult:
     """Fold `paired` into a plain checkpoint at `out` (default: `<stem>.plain.safetensors` beside it).
 
@@ -205,24 +206,29 @@ def fold_file(
     their index) and the input's `config.json`, processor and tokenizer files, never its training state
     (`hf.model_folder`), so `from_pretrained` loads it as is. `out` naming a `.safetensors` file writes that file.
 
-    `on_progress(bytes_written, bytes_total)` is called after each tensor written.
+    `on_progress(bytes_written, bytes_total)` is called after each tensor written. The input's sha256 is recorded
+    in the output's metadata (`mmsurgery.source_sha256`), hashed on a second thread while the tensors stream;
+    `source_hash=False` (`--no-source-hash`) records none: on a fast disk that hash is the fold's largest cost
+    (docs/benchmarks.md), and nothing downstream needs it (`verify` proves a fold bit for bit from PAIRED itself).
     A checkpoint without pathway tensors is reported as already plain and nothing is written. A non-finite λ or
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
     """
     _check_dtype(dtype)
     with open_checkpoint(paired, key=key) as ck:
-        hashing = HashJob(ck.files, opener=ck.open_pinned)  # on the other core, while the tensors stream
+        hashing = HashJob(ck.files, opener=ck.open_pinned) if source_hash else None  # on the other core
         source = plain_tensors(ck, dtype)
         if not source.layers:
-            return FoldResult(ck.path, None, {}, len(ck), hashing.result(), None)
+            return FoldResult(ck.path, None, {}, len(ck), hashing.result() if hashing else None, None)
         metadata = {k: v for k, v in ck.metadata.items() if k != FORMAT_KEY}
         metadata |= {
             "format": "pt",  # torch tensors, as transformers writes it; readers that check it expect "pt"
             FORMAT_KEY: FOLDED_FORMAT,
             VERSION_KEY: __version__,
-            SOURCE_KEY: hashing.placeholder,
             SCALES_KEY: json.dumps(source.scales, separators=(",", ":")),
         }
+        metadata.pop(SOURCE_KEY, None)  # never carry over a digest that is not of this input
+        if hashing is not None:
+            metadata[SOURCE_KEY] = hashing.placeholder
         dest, extra_files = output_for(out, paired, default_output(ck.path), ".plain", replaces=".paired")
         with SafetensorsWriter(
             dest,
@@ -238,7 +244,7 @@ def fold_file(
             with _leave_a_core(hashing):
                 for s in source.specs:
                     w.write(s.name, source.tensor(s.name, buffers))
-            digest = hashing.result()
-            written = w.commit(patch={hashing.placeholder: digest})
+            digest = hashing.result() if hashing is not None else None
+            written = w.commit(patch={hashing.placeholder: digest} if hashing is not None and digest else None)
         output = written.path.parent if extra_files is not None else written.path
         return FoldResult(ck.path, output, source.scales, len(source.specs), digest, written)

@@ -296,7 +296,7 @@ def fold_result(r: FoldResult) -> Text:
     return Text.assemble(
         (f"folded {len(r.scales)} pathways", "bold"),
         f" (λ {lam}{more}) into {r.num_tensors} plain tensors, {size}\n",
-        wrote(r.output, r.written) + f"\nsource sha256 {r.sha256}",
+        wrote(r.output, r.written) + (f"\nsource sha256 {r.sha256}" if r.sha256 else ""),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +88,28 @@ def test_metadata_records_scales_and_source_hash(trained) -> None:
     assert json.loads(meta["mmsurgery.scales"]) == pytest.approx(res.scales)
     assert meta["mmsurgery.source_sha256"] == res.sha256 == hashlib.sha256(trained.read_bytes()).hexdigest()
     assert meta["mmsurgery.format"] == "folded/1" and "mmsurgery.vit" in meta
+
+
+def test_no_source_hash_writes_the_same_tensors_without_the_digest(trained, tmp_path) -> None:
+    """The console script, hashed and not: the same tensor bytes; only the provenance entry differs."""
+    runs = {}
+    for flag in ([], ["--no-source-hash"]):
+        out = tmp_path / f"plain{len(flag)}.safetensors"
+        r = subprocess.run(
+            [sys.executable, "-m", "mmsurgery", "fold", str(trained), "-o", str(out), "--json", *flag],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        with safe_open(out, "pt") as f:
+            runs[bool(flag)] = (load_file(out), f.metadata(), json.loads(r.stdout))
+    (hashed, meta, report), (unhashed, meta_u, report_u) = runs[False], runs[True]
+    assert hashed.keys() == unhashed.keys() and all(torch.equal(hashed[k], unhashed[k]) for k in hashed)
+    assert meta["mmsurgery.source_sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
+    assert "mmsurgery.source_sha256" not in meta_u and report_u["source_sha256"] is None
+    assert report["source_sha256"] == meta["mmsurgery.source_sha256"]
+    assert {k: v for k, v in meta.items() if k != "mmsurgery.source_sha256"} == meta_u
 
 
 def test_accepts_ddp_pt_with_wrapper_and_sharded(trained, tmp_path) -> None:
