@@ -305,6 +305,8 @@ def test_per_qkv_pairs_three_scales_on_a_fused_qkv_and_folds_exactly(tmp_path) -
     folded = load_file(str(tmp_path / "plain.safetensors"))["blocks.0.attn.qkv.weight"]
     assert torch.equal(folded, merged) and torch.equal(folded, model.blocks[0].attn.qkv.weight)
     assert not torch.equal(folded, w)
+    gate = run("verify", tmp_path / "plain.safetensors", "--against", trained)
+    assert gate.returncode == 0, gate.stdout + gate.stderr
 
 
 def test_per_channel_on_a_gpt2_conv1d_target(tmp_path) -> None:
