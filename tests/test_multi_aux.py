@@ -272,6 +272,9 @@ def test_inspect_charts_one_column_group_per_auxiliary(two_aux) -> None:
     )
     assert text.returncode == 0, text.stderr
     assert "qkv (aux 1)" in text.stdout and "qkv (aux 2)" in text.stdout and "2 auxiliaries" in text.stdout
+    png = two_aux.with_suffix(".png")
+    assert run("inspect", two_aux, "--plot", png).returncode == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- finer λ ---------------------------------------------------------------------------------------------------
