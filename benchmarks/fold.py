@@ -1,5 +1,6 @@
 """`mmsurgery fold` on ViT-L- and ViT-H-sized synthetic paired checkpoints, against `cp` of the output bytes and
-a naive fold (load both whole, add, save), all in the same run, interleaved, each in its own process.
+a naive fold (load both whole, add, save), all in the same run, interleaved, each in its own process; also
+`fold --no-source-hash` and the provenance sha256 of PAIRED alone (the lower bound of a hashed fold's wall time).
 
     .venv/bin/python benchmarks/fold.py [--sizes vit_l,vit_h] [--repeats 7] [--skip-naive] [--dir DIR]
 
@@ -76,6 +77,11 @@ def bench(size: str, repeats: int, root: Path, skip_naive: bool = False) -> None
         out.unlink()
         return r
 
+    def hash_only() -> dict[str, float]:
+        """The provenance hash alone: what fold's second thread does (read PAIRED, sha256 it), on one core."""
+        setup = "from pathlib import Path; from mmsurgery.checkpoint.hashing import sha256_of"
+        return run_child(setup, f"sha256_of([Path({str(paired)!r})])")
+
     def naive() -> dict[str, float]:
         body = NAIVE.replace("PAIRED", repr(str(paired))).replace("OUT", repr(str(out)))
         r = run_child("import torch, safetensors.torch", body)
@@ -89,6 +95,7 @@ def bench(size: str, repeats: int, root: Path, skip_naive: bool = False) -> None
         "floor (cat + cp + sync)": cp,
         "mmsurgery fold": fold,
         "mmsurgery fold --no-source-hash": fold_unhashed,
+        "sha256 of PAIRED alone (the hash thread's work)": hash_only,
         "naive fold": naive,
         "imports only": imports,
     }
