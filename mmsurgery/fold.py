@@ -21,7 +21,7 @@ from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES as DTYPES
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
-from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
+from mmsurgery.checkpoint.writer import SafetensorsWriter
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
 from mmsurgery.hf import output_for
@@ -31,6 +31,7 @@ from mmsurgery.paired_format import (
     SCALES_KEY,
     SOURCE_KEY,
     VERSION_KEY,
+    FoldResult,
     LayerScales,
     PathwaySpec,
     aux_key,
@@ -41,33 +42,6 @@ from mmsurgery.paired_format import (
 )
 
 __all__ = ["DTYPES", "FoldBuffers", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
-
-
-@dataclass(frozen=True)
-class FoldResult:
-    source: Path
-    output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
-    scales: dict[str, LayerScales]  # module path -> λ (`paired_format.scale_entry`)
-    num_tensors: int
-    sha256: str | None  # of the paired input; None with source_hash=False
-    written: WriteResult | None
-
-    @property
-    def already_plain(self) -> bool:
-        return not self.scales
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "source": str(self.source),
-            "output": str(self.output) if self.output else None,
-            "already_plain": self.already_plain,
-            "folded": len(self.scales),
-            "num_tensors": self.num_tensors,
-            "source_sha256": self.sha256,
-            "bytes": self.written.total_size if self.written else 0,
-            "copied": [p.name for p in self.written.extra_files] if self.written else [],
-            "scales": self.scales,
-        }
 
 
 def default_output(paired: Path) -> Path:

@@ -19,9 +19,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from mmsurgery.checkpoint.reader import Checkpoint
+from mmsurgery.checkpoint.writer import WriteResult
 from mmsurgery.errors import BadInputError, FoldError
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "SOURCE_KEY",
     "VERSION_KEY",
     "VIT_KEY",
+    "FoldResult",
     "LayerScales",
     "PathwayKey",
     "PathwaySpec",
@@ -319,3 +322,31 @@ def _count_aux(ck: Checkpoint, module: str) -> int:
     while scale_key(module, n) in ck.infos:
         n += 1
     return n
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FoldResult:
+    source: Path
+    output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
+    scales: dict[str, LayerScales]  # module path -> λ (`scale_entry`)
+    num_tensors: int
+    sha256: str | None  # of the paired input; None with source_hash=False
+    written: WriteResult | None
+
+    @property
+    def already_plain(self) -> bool:
+        return not self.scales
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": str(self.source),
+            "output": str(self.output) if self.output else None,
+            "already_plain": self.already_plain,
+            "folded": len(self.scales),
+            "num_tensors": self.num_tensors,
+            "source_sha256": self.sha256,
+            "bytes": self.written.total_size if self.written else 0,
+            "copied": [p.name for p in self.written.extra_files] if self.written else [],
+            "scales": self.scales,
+        }

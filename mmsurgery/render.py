@@ -11,14 +11,13 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from mmsurgery.paired_format import scale_means
+from mmsurgery.paired_format import FoldResult, scale_means
 
-# Types only: importing mmsurgery.fold or mmsurgery.verify loads torch, and `inspect` on a safetensors file
-# must not (tests/test_cli_inspect.py runs the console script and checks).
+# Types only: importing mmsurgery.verify loads torch, and `inspect` on a safetensors file must not
+# (tests/test_cli_inspect.py runs the console script and checks). The fold's result type is the contract's.
 if TYPE_CHECKING:
     from mmsurgery.checkpoint.writer import WriteResult
     from mmsurgery.describe import Description
-    from mmsurgery.fold import FoldResult
     from mmsurgery.pairing.plan import Plan
     from mmsurgery.verify.report import Report
 
