@@ -363,3 +363,23 @@ def test_inspect_of_a_k2_per_qkv_file_never_imports_torch(tmp_path) -> None:
     assert "qkv (aux 2)" in r.stdout and "~" in r.stdout  # per-qkv λ shown by its mean
     imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
     assert imported and "torch" not in imported
+
+
+def test_a_linear_one_auxiliary_cannot_pair_is_skipped_for_all(tmp_path) -> None:
+    """Every pathway carries all k auxiliaries: the MLP of a narrower second auxiliary does not fit, so the MLP
+    linears get no pathway at all (reported in both plans, naming the auxiliary), and --strict refuses."""
+    target, a1 = save_vit(tmp_path / "t.safetensors", 0), save_vit(tmp_path / "a1.safetensors", 1)
+    a2 = tmp_path / "a2.safetensors"
+    save_file(tiny_vit(2, mlp_hidden=64).state_dict(), str(a2))
+    out = tmp_path / "p.safetensors"
+    r = run("pair", target, a1, a2, "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    plans = json.loads(r.stdout)["plans"]
+    assert {p["role"] for p in plans[0]["pairs"]} == {p["role"] for p in plans[1]["pairs"]} == {"qkv", "attn_out"}
+    reasons = [s["reason"] for s in plans[0]["skips"]]
+    assert reasons and all(x.startswith("auxiliary 2 skips it") for x in reasons)
+    assert set(find_pathways({k: v.shape for k, v in load_file(str(out)).items()})) == {
+        f"blocks.{i}.attn.{n}" for i in range(2) for n in ("qkv", "proj")
+    }
+    strict = run("pair", target, a1, a2, "-o", tmp_path / "s.safetensors", "--strict")
+    assert strict.returncode == 2 and "--strict" in strict.stderr and not (tmp_path / "s.safetensors").exists()

@@ -61,9 +61,10 @@ def _per_aux(value: Any, n: int, option: str) -> list[Any]:
     return values
 
 
-def _common(plans: list[Plan]) -> list[Plan]:
+def _common(plans: list[Plan], strict: bool = False) -> list[Plan]:
     """Several auxiliaries: keep the linears every one of them pairs (each pathway has one λ per auxiliary); a
-    linear some pair and others skip becomes a skip in every plan, with the reason of the first that skipped it."""
+    linear some pair and others skip becomes a skip in every plan, with the reason of the first that skipped it.
+    `strict` makes such a skip a `PairingError`, as `align` does for its own."""
     if len(plans) == 1:
         return plans
     paired = [{p.target_key for p in pl.pairs} for pl in plans]
@@ -76,7 +77,15 @@ def _common(plans: list[Plan]) -> list[Plan]:
     for pl in plans:
         dropped = [p for p in pl.pairs if p.target_key not in everywhere]
         skips = [
-            Skip(p.target_key, p.target_shape, p.target_block, p.role, p.aux_keys, None, why[p.target_key])
+            Skip(
+                p.target_key,
+                p.target_shape,
+                p.target_block,
+                p.role,
+                p.aux_keys,
+                None,
+                why.get(p.target_key, "not paired by every auxiliary model"),
+            )
             for p in dropped
         ]
         out.append(
@@ -84,6 +93,9 @@ def _common(plans: list[Plan]) -> list[Plan]:
         )
     if not everywhere:
         raise PairingError("nothing paired: no linear is paired by every auxiliary model")
+    first = next((s for pl in out for s in pl.skips), None)  # under strict, align has refused its own skips already
+    if strict and first is not None:
+        raise PairingError(f"--strict: {first.target_key} is skipped: {first.reason}")
     return out
 
 
@@ -140,7 +152,7 @@ def pair(
             return common | dict(depth=depths[k], map_file=maps[k], aux_stack=stacks[k], aux_index=k)
 
         if dry_run:
-            plans = _common([align(t, a, **options(k)) for k, a in enumerate(auxes)])
+            plans = _common([align(t, a, **options(k)) for k, a in enumerate(auxes)], strict)
             return PairResult(plans[0], None, None, tuple(plans))
         jobs = [HashJob(t.files, 0, t.open_pinned)]  # hashed on the other core while tensors stream
         jobs += [HashJob(a.files, k + 1, a.open_pinned) for k, a in enumerate(auxes)]
@@ -148,7 +160,8 @@ def pair(
             [
                 align(t, a, digests=(jobs[0].placeholder, jobs[k + 1].placeholder), **options(k))
                 for k, a in enumerate(auxes)
-            ]
+            ],
+            strict,
         )
         dest, extra_files = output_for(out, target, default_output(t.path), ".paired")
         digests = {job.placeholder: job for job in jobs}
