@@ -383,3 +383,15 @@ def test_a_linear_one_auxiliary_cannot_pair_is_skipped_for_all(tmp_path) -> None
     }
     strict = run("pair", target, a1, a2, "-o", tmp_path / "s.safetensors", "--strict")
     assert strict.returncode == 2 and "--strict" in strict.stderr and not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize("drop", ["aux_weight_1", "cross_modal_scale_1"])
+def test_fold_refuses_a_half_second_pathway_in_one_line(two_aux, tmp_path, drop) -> None:
+    state = load_file(str(two_aux))
+    del state[f"blocks.1.attn.proj.{drop}"]
+    bad = tmp_path / "half.safetensors"
+    save_file(state, str(bad))
+    r = run("fold", bad, "-o", tmp_path / "out.safetensors")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "blocks.1.attn.proj" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.safetensors").exists()
