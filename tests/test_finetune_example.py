@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from examples_loader import load_example
 from pathway_fixtures import make_paired_state, tiny_vit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -23,11 +23,7 @@ EXAMPLE = ROOT / "examples" / "finetune.py"
 
 
 def _example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("finetune")
 
 
 def _paired_file(tmp_path: Path, num_classes: int) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from examples_loader import load_example
 
 from mmsurgery.checkpoint import open_checkpoint
 
@@ -19,12 +19,7 @@ EXAMPLE = ROOT / "examples" / "pretrained.py"
 
 
 def _example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pretrained_example", EXAMPLE)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example("pretrained")
 
 
 def _run(*args: object) -> subprocess.CompletedProcess[str]:
