@@ -11,7 +11,7 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import NoTransformerBlocksError
 from mmsurgery.layout.detect import Layout, Stack, default_stack, detect
-from mmsurgery.paired_format import pathway_layers, read_scales
+from mmsurgery.paired_format import checkpoint_pathways, read_scales
 
 SCHEMA = "mmsurgery.inspect/1"
 
@@ -94,8 +94,8 @@ def describe_checkpoint(ck: Checkpoint) -> Description:
 
 
 def _scales(ck: Checkpoint) -> dict[str, float] | None:
-    layers = pathway_layers(ck)
-    return read_scales(ck, layers) if layers else None
+    pathways = checkpoint_pathways(ck)
+    return read_scales(ck, pathways) if pathways else None
 
 
 def describe(path: str | os.PathLike[str], key: str | None = None) -> Description:

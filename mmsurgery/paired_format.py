@@ -307,21 +307,11 @@ def scale_values(entry: LayerScales) -> list[float]:
     return [x for v in items for x in ([v] if isinstance(v, (int, float)) else v)]
 
 
-def read_scales(ck: Checkpoint, layers: Sequence[str] | Mapping[str, PathwaySpec]) -> dict[str, LayerScales]:
-    """λ of each pathway layer (read without torch from a safetensors file), as `scale_entry` gives it."""
-    specs = layers if isinstance(layers, Mapping) else {p: None for p in layers}
-    out: dict[str, LayerScales] = {}
-    for p, spec in specs.items():
-        n = spec.num_aux if spec is not None else _count_aux(ck, p)
-        out[p] = scale_entry([ck.read_floats(scale_key(p, k)) for k in range(n)])
-    return out
-
-
-def _count_aux(ck: Checkpoint, module: str) -> int:
-    n = 0
-    while scale_key(module, n) in ck.infos:
-        n += 1
-    return n
+def read_scales(ck: Checkpoint, pathways: Mapping[str, PathwaySpec]) -> dict[str, LayerScales]:
+    """λ of each pathway (`find_pathways`), read without torch from a safetensors file, as `scale_entry` gives it."""
+    return {
+        p: scale_entry([ck.read_floats(scale_key(p, k)) for k in range(spec.num_aux)]) for p, spec in pathways.items()
+    }
 
 
 # ---- results ------------------------------------------------------------------------------------------------
