@@ -1,6 +1,6 @@
 """`mmsurgery fold` on ViT-L- and ViT-H-sized synthetic paired checkpoints, against `cp` of the output bytes and
 a naive fold (load both whole, add, save), all in the same run, interleaved, each in its own process; also
-`fold --no-source-hash` and the provenance sha256 of PAIRED alone (the lower bound of a hashed fold's wall time).
+`fold --source-hash` and the provenance sha256 of PAIRED alone (the lower bound of a hashed fold's wall time).
 
     .venv/bin/python benchmarks/fold.py [--sizes vit_l,vit_h] [--repeats 7] [--skip-naive] [--dir DIR]
 
@@ -65,14 +65,15 @@ def bench(size: str, repeats: int, root: Path, skip_naive: bool = False) -> None
         return {"seconds": dt, "process_seconds": dt, "rss_mb": 0.0, "anon_mb": 0.0}
 
     def fold() -> dict[str, float]:
+        """`mmsurgery fold` as it runs by default (no provenance hash)."""
         r = run_child("from mmsurgery.fold import fold_file", f"fold_file({str(paired)!r}, {str(out)!r})")
         out.unlink()
         return r
 
-    def fold_unhashed() -> dict[str, float]:
-        """`mmsurgery fold --no-source-hash`: the same fold without the provenance sha256 of the input."""
+    def fold_hashed() -> dict[str, float]:
+        """`mmsurgery fold --source-hash`: the same fold plus the sha256 of PAIRED on a second thread."""
         r = run_child(
-            "from mmsurgery.fold import fold_file", f"fold_file({str(paired)!r}, {str(out)!r}, source_hash=False)"
+            "from mmsurgery.fold import fold_file", f"fold_file({str(paired)!r}, {str(out)!r}, source_hash=True)"
         )
         out.unlink()
         return r
@@ -94,7 +95,7 @@ def bench(size: str, repeats: int, root: Path, skip_naive: bool = False) -> None
     variants = {
         "floor (cat + cp + sync)": cp,
         "mmsurgery fold": fold,
-        "mmsurgery fold --no-source-hash": fold_unhashed,
+        "mmsurgery fold --source-hash": fold_hashed,
         "sha256 of PAIRED alone (the hash thread's work)": hash_only,
         "naive fold": naive,
         "imports only": imports,

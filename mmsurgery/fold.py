@@ -170,7 +170,7 @@ def fold_file(
     force: bool = False,
     key: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-    source_hash: bool = True,
+    source_hash: bool = False,
 ) -> FoldResult:
     """Fold `paired` into a plain checkpoint at `out` (default: `<stem>.plain.safetensors` beside it).
 
@@ -180,10 +180,12 @@ def fold_file(
     their index) and the input's `config.json`, processor and tokenizer files, never its training state
     (`hf.model_folder`), so `from_pretrained` loads it as is. `out` naming a `.safetensors` file writes that file.
 
-    `on_progress(bytes_written, bytes_total)` is called after each tensor written. The input's sha256 is recorded
-    in the output's metadata (`mmsurgery.source_sha256`), hashed on a second thread while the tensors stream;
-    `source_hash=False` (`--no-source-hash`) records none: on a fast disk that hash is the fold's largest cost
-    (docs/benchmarks.md), and nothing downstream needs it (`verify` proves a fold bit for bit from PAIRED itself).
+    `on_progress(bytes_written, bytes_total)` is called after each tensor written. `source_hash=True`
+    (`--source-hash`) records the input's sha256 in the output's metadata (`mmsurgery.source_sha256`, which
+    `verify` then checks against PAIRED), hashed on a second thread while the tensors stream. It is off by default:
+    sha256 runs at ~1.6 GB/s on one core, so on a fast disk that one pass costs more than the rest of the fold
+    (docs/benchmarks.md), and the fold's correctness does not depend on it (`verify` proves a fold bit for bit from
+    PAIRED itself).
     A checkpoint without pathway tensors is reported as already plain and nothing is written. A non-finite λ or
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
     """

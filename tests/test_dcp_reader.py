@@ -192,7 +192,7 @@ def test_cli_fold_of_a_dcp_folder_equals_the_fold_of_the_same_state_as_safetenso
 
     state = trained_state()
     folder = write_dcp(tmp_path / "ckpt", sharded(state))
-    r = run_cli("fold", folder, "-o", tmp_path / "a.safetensors")
+    r = run_cli("fold", folder, "-o", tmp_path / "a.safetensors", "--source-hash")
     assert r.returncode == 0, r.stderr
     write_safetensors(tmp_path / "paired.safetensors", state)
     fold_file(tmp_path / "paired.safetensors", tmp_path / "b.safetensors")

@@ -82,7 +82,7 @@ def test_folded_model_reproduces_the_unfolded_output(trained) -> None:
 
 
 def test_metadata_records_scales_and_source_hash(trained) -> None:
-    res = fold_file(trained)
+    res = fold_file(trained, source_hash=True)
     with safe_open(res.output, "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["mmsurgery.scales"]) == pytest.approx(res.scales)
@@ -90,10 +90,11 @@ def test_metadata_records_scales_and_source_hash(trained) -> None:
     assert meta["mmsurgery.format"] == "folded/1" and "mmsurgery.vit" in meta
 
 
-def test_no_source_hash_writes_the_same_tensors_without_the_digest(trained, tmp_path) -> None:
-    """The console script, hashed and not: the same tensor bytes; only the provenance entry differs."""
+def test_source_hash_is_opt_in_and_changes_no_tensor(trained, tmp_path) -> None:
+    """The console script by default records no digest; `--source-hash` records PAIRED's sha256 and nothing else
+    changes: the same tensor bytes, the same other metadata."""
     runs = {}
-    for flag in ([], ["--no-source-hash"]):
+    for flag in ([], ["--source-hash"]):
         out = tmp_path / f"plain{len(flag)}.safetensors"
         r = subprocess.run(
             [sys.executable, "-m", "mmsurgery", "fold", str(trained), "-o", str(out), "--json", *flag],
@@ -104,12 +105,12 @@ def test_no_source_hash_writes_the_same_tensors_without_the_digest(trained, tmp_
         assert r.returncode == 0, r.stderr
         with safe_open(out, "pt") as f:
             runs[bool(flag)] = (load_file(out), f.metadata(), json.loads(r.stdout))
-    (hashed, meta, report), (unhashed, meta_u, report_u) = runs[False], runs[True]
-    assert hashed.keys() == unhashed.keys() and all(torch.equal(hashed[k], unhashed[k]) for k in hashed)
+    (hashed, meta, report), (default, meta_d, report_d) = runs[True], runs[False]
+    assert hashed.keys() == default.keys() and all(torch.equal(hashed[k], default[k]) for k in hashed)
     assert meta["mmsurgery.source_sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
-    assert "mmsurgery.source_sha256" not in meta_u and report_u["source_sha256"] is None
+    assert "mmsurgery.source_sha256" not in meta_d and report_d["source_sha256"] is None
     assert report["source_sha256"] == meta["mmsurgery.source_sha256"]
-    assert {k: v for k, v in meta.items() if k != "mmsurgery.source_sha256"} == meta_u
+    assert {k: v for k, v in meta.items() if k != "mmsurgery.source_sha256"} == meta_d
 
 
 def test_accepts_ddp_pt_with_wrapper_and_sharded(trained, tmp_path) -> None:

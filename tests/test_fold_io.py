@@ -85,7 +85,7 @@ def _check_file(path, names: list[str], ref: dict[str, bytes]) -> None:
 def test_fold_bytes_equal_a_tensor_by_tensor_reference_fold(tmp_path, dtype) -> None:
     paired = _trained(tmp_path)
     names, ref = _reference(paired, dtype)
-    res = fold_file(paired, tmp_path / "plain.safetensors", dtype=dtype)
+    res = fold_file(paired, tmp_path / "plain.safetensors", dtype=dtype, source_hash=True)
     _check_file(res.output, names, ref)
     header, _ = _read_safetensors(res.output)
     meta = header["__metadata__"]
@@ -126,7 +126,7 @@ def test_pass_through_heavy_fold(tmp_path) -> None:
 def test_sharded_fold_bytes_and_digest(tmp_path) -> None:
     paired = _trained(tmp_path)
     names, ref = _reference(paired)
-    res = fold_file(paired, tmp_path / "plain", shard_size=40_000)
+    res = fold_file(paired, tmp_path / "plain", shard_size=40_000, source_hash=True)
     folder = res.output.parent if res.output.name.endswith(".index.json") else res.output
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -158,7 +158,7 @@ def test_sharded_input_digest_and_bytes(tmp_path) -> None:
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     assert len(shards) > 2
     names, ref = _reference(index)
-    res = fold_file(index, tmp_path / "plain.safetensors")
+    res = fold_file(index, tmp_path / "plain.safetensors", source_hash=True)
     _check_file(res.output, names, ref)
     lines = "".join(f"{s} {_sha(folder / s)}\n" for s in shards)
     assert res.sha256 == hashlib.sha256(lines.encode()).hexdigest()

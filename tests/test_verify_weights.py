@@ -223,6 +223,34 @@ def test_a_fold_of_another_paired_file_fails(arch, cli, tmp_path, which) -> None
     assert any(f"{layer}.weight: " in w["message"] for layer in arch.layers), w["message"]
 
 
+def test_a_recorded_source_digest_must_be_pairs(arch, cli, tmp_path) -> None:
+    """`fold --source-hash` writes PAIRED's sha256 into PLAIN; verify checks it. Against a PAIRED with the very same
+    tensors but other bytes (one metadata entry added), every tensor is identical and the stage still fails: PLAIN
+    claims another origin. A PLAIN without the digest is not asked about it."""
+    import hashlib
+
+    hashed = fold_file(arch.trained, tmp_path / "hashed.safetensors", source_hash=True).output
+    digest = hashlib.sha256(arch.trained.read_bytes()).hexdigest()
+    assert _metadata(hashed)["mmsurgery.source_sha256"] == digest
+    r, data = _verify(cli, hashed, arch, tmp_path / "ok.json")
+    w = next(s for s in data["stages"] if s["name"] == "weights")
+    assert r.code == 0 and w["numbers"]["source_sha256"] == {"recorded": digest, "paired": digest}
+    assert "source sha256 is PAIRED's" in w["message"]
+
+    other = tmp_path / "resaved.safetensors"
+    save_file(load_file(arch.trained), other, metadata={**_metadata(arch.trained), "note": "re-saved"})
+    r = cli("verify", hashed, "--against", other, *arch.args, "--json", tmp_path / "bad.json")
+    data = json.loads((tmp_path / "bad.json").read_text())
+    w = next(s for s in data["stages"] if s["name"] == "weights")
+    assert r.code == 1 and w["status"] == "fail", w["message"]
+    assert w["numbers"]["differing_tensors"] == 0  # the tensors are all right: only the provenance is wrong
+    assert "folded from another file" in w["message"] and digest[:16] in w["message"]
+
+    r, data = _verify(cli, arch.plain, arch, tmp_path / "none.json")
+    w = next(s for s in data["stages"] if s["name"] == "weights")
+    assert r.code == 0 and w["numbers"]["source_sha256"] is None
+
+
 def test_weights_ulps_allows_exactly_n_units_in_the_last_place(arch, cli, tmp_path) -> None:
     sd = load_file(arch.plain)
     t = sd[arch.pathway].clone()

@@ -21,8 +21,10 @@ import torch
 from torch import Tensor
 
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
+from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.fold import DTYPES, PlainTensors, plain_tensors
+from mmsurgery.paired_format import SOURCE_KEY
 from mmsurgery.verify.report import StageResult
 
 __all__ = ["TensorDiff", "check_weights", "compare_bits"]
@@ -191,7 +193,13 @@ def _names(items: list[str]) -> str:
 
 def check_weights(plain: Checkpoint, paired: Checkpoint, max_ulps: int = 0) -> StageResult:
     """Compare PLAIN with the fold of PAIRED, tensor by tensor (see the module docstring). Raises `FoldError`
-    (bad input) when PAIRED cannot be folded at all."""
+    (bad input) when PAIRED cannot be folded at all.
+
+    A PLAIN that records its source (`fold --source-hash`: `mmsurgery.source_sha256`) must name this PAIRED: its
+    sha256 is computed on a second thread while the tensors are compared, and a different digest fails the stage
+    even when every tensor matches (PLAIN claims another origin than the file it is gated against)."""
+    recorded = plain.metadata.get(SOURCE_KEY)
+    hashing = HashJob(paired.files, opener=paired.open_pinned) if recorded else None
     source = plain_tensors(paired, "keep")
     dtype = _fold_dtype(plain, source)
     if dtype != "keep":
@@ -237,7 +245,14 @@ def check_weights(plain: Checkpoint, paired: Checkpoint, max_ulps: int = 0) -> S
         "dtype_mismatch": _clip(dtypes),
         "compared": f"PLAIN vs `mmsurgery fold --dtype {dtype}` of PAIRED, tensor by tensor",
     }
+    digest = hashing.result() if hashing is not None else None
+    numbers["source_sha256"] = {"recorded": recorded, "paired": digest} if hashing is not None else None
     problems: list[str] = []
+    if digest is not None and digest != recorded:
+        problems.append(
+            f"PLAIN records that it was folded from another file: its {SOURCE_KEY} is {str(recorded)[:16]}…, "
+            f"PAIRED's sha256 is {digest[:16]}…"
+        )
     if diffs:
         worst = max(diffs, key=lambda d: (d.ulps is None, d.ulps or 0))
         more = f" ({len(diffs)} tensors differ, worst first)" if len(diffs) > 1 else ""
@@ -259,10 +274,12 @@ def check_weights(plain: Checkpoint, paired: Checkpoint, max_ulps: int = 0) -> S
     if problems:
         return StageResult("weights", "fail", 0.0, "; ".join(problems), numbers)
     folded = f"{len(source.layers)} folded pathway weights" if source.layers else "no pathways: PAIRED is plain"
+    provenance = "; PLAIN's source sha256 is PAIRED's" if digest is not None else ""
     return StageResult(
         "weights",
         "pass",
         0.0,
-        f"{len(names)} tensors ({nbytes / 1e6:,.1f} MB) {rule} to the fold of PAIRED (--dtype {dtype}; {folded})",
+        f"{len(names)} tensors ({nbytes / 1e6:,.1f} MB) {rule} to the fold of PAIRED (--dtype {dtype}; {folded})"
+        + provenance,
         numbers,
     )
