@@ -49,6 +49,21 @@ def test_safetensors_single_roundtrip_with_metadata(tmp_path) -> None:
     assert all(torch.equal(load_file(res.path)[k], v) for k, v in sd.items())  # the reference reader agrees
 
 
+def test_tensors_larger_than_a_write_piece_arrive_whole(tmp_path, monkeypatch) -> None:
+    """The writer hands tensor bytes to write() in WRITE_PIECE pieces (issue 13): tensors of many pieces, a ragged
+    last piece and a tensor smaller than one piece all read back exactly, with safetensors' own reader."""
+    from safetensors.torch import load_file
+
+    import mmsurgery.checkpoint.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "WRITE_PIECE", 1000)
+    g = torch.Generator().manual_seed(0)
+    sd = {"big": torch.randn(2501, generator=g), "small": torch.randn(7, generator=g), "h": torch.randn(3, 333).half()}
+    res = write_safetensors(tmp_path / "m.safetensors", sd)
+    back = load_file(res.path)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
+
+
 def test_sharded_roundtrip_hf_names_and_index(tmp_path) -> None:
     sd = {f"layer.{i}.weight": torch.full((64,), float(i)) for i in range(5)}  # 256 bytes each
     res = write_safetensors(tmp_path / "out", sd, shard_size="600B", metadata={"k": "v"})

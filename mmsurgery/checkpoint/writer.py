@@ -48,6 +48,14 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+# Tensor bytes go to write() in pieces of this size. Measured on this project's VMs: one write() per multi-MB tensor
+# copies into the page cache 3-5x slower (a ViT-L fold: 3.2-4.7 s against 0.85-1.8 s in pieces; docs/benchmarks.md,
+# issue 13), the time all in the kernel's copy. Likely cause: a large write lets the kernel back the file with large
+# folios, whose 2 MB blocks of free memory are what the VM's free page reporting handed back to the host, so each
+# faults in again on first touch. `cp` writes in small pieces too; a piece costs one syscall (~5k for 1.2 GB).
+WRITE_PIECE = 256 << 10
+
+
 def parse_size(text: str | int) -> int:
     """`"2GB"` → 2·10⁹ bytes, `"500MiB"` → 500·2²⁰ bytes, `"1048576"` → bytes (decimal units, as HF uses)."""
     if isinstance(text, int):
@@ -227,7 +235,8 @@ class SafetensorsWriter:
         try:
             if shard != self._shard:
                 self._open_shard(shard)
-            self._file.write(data)
+            for start in range(0, data.nbytes, WRITE_PIECE):
+                self._file.write(data[start : start + WRITE_PIECE])
             self._written += data.nbytes
             if self._written - self._flushed >= publish.WRITEBACK_STEP:
                 publish.start_writeback(self._file.fileno(), self._flushed, self._written - self._flushed)
