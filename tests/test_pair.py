@@ -229,3 +229,34 @@ def test_aux_weight_takes_the_target_dtype_and_lambda_stays_float32(tmp_path) ->
     assert out["blocks.0.attn.qkv.aux_weight"].dtype == torch.bfloat16
     assert torch.equal(out["blocks.0.attn.qkv.aux_weight"], a["blocks.0.attn.qkv.weight"].to(torch.bfloat16))
     assert out["blocks.0.attn.qkv.cross_modal_scale"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("op", "part", "conv1d", "dtype"),
+    [
+        ("copy", None, False, "float32"),
+        ("cat_qkv", None, False, "float32"),
+        ("chunk_qkv", 1, False, "float32"),
+        ("chunk_qkv", 2, False, "bfloat16"),  # a cast: falls back to apply
+        ("cat_qkv", None, True, "float32"),  # Conv1D transposes: falls back to apply
+    ],
+)
+def test_transform_read_into_a_buffer_equals_apply(tmp_path, op, part, conv1d, dtype) -> None:
+    """`pair` reads auxiliary tensors into one reused buffer (Transform.read, issue 13): the same values, shape and
+    dtype as Transform.apply on freshly loaded tensors, for every op, and the buffer may hold stale bytes."""
+    from mmsurgery.checkpoint import open_checkpoint
+    from mmsurgery.pairing.transforms import Transform
+
+    g = torch.Generator().manual_seed(0)
+    keys = ["w"] if op != "cat_qkv" else ["q", "k", "v"]
+    shape = (12, 5) if op == "chunk_qkv" else (4, 5)
+    save_file({k: torch.randn(shape, generator=g) for k in keys}, tmp_path / "aux.safetensors")
+    t = Transform(op, part, aux_conv1d=conv1d, target_conv1d=conv1d)
+    buf = torch.full((4 * 12 * 5,), 0xAB, dtype=torch.uint8)
+    with open_checkpoint(tmp_path / "aux.safetensors") as ck:
+        want = t.apply([ck.get(k) for k in keys], dtype=getattr(torch, dtype))
+        got = t.read(ck, keys, dtype, buf)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+        assert got.is_contiguous() and not torch.equal(got, torch.zeros_like(got))
+        direct = dtype == "float32" and not conv1d
+        assert (got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()) == direct

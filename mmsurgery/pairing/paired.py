@@ -110,14 +110,19 @@ def write_paired(
         extra_files=extra_files,
         on_progress=on_progress,
     ) as w:
+        aux_bytes = (
+            sum(a.infos[k].numel * ITEMSIZE[a.infos[k].dtype] for k in p.aux_keys)
+            for pl, a in zip(plans, auxes, strict=True)
+            for p in pl.pairs
+        )
         largest = max((i.numel * ITEMSIZE[i.dtype] for i in target.infos.values()), default=0)
-        buf = torch.empty(largest, dtype=torch.uint8)  # reused: no fresh pages per tensor
+        buf = torch.empty(max(largest, *aux_bytes, 0), dtype=torch.uint8)  # reused: no fresh pages per tensor
         for name in target.infos:
             w.write(name, target.read_into(name, buf))
         for pl, a in zip(plans, auxes, strict=True):
             for p in pl.pairs:
-                dtype = getattr(torch, target.infos[p.target_key].dtype)  # from the header: no second read
-                w.write(p.aux_weight_key, p.transform.apply([a.get(k) for k in p.aux_keys], dtype=dtype))
+                dtype = target.infos[p.target_key].dtype  # from the header: no second read
+                w.write(p.aux_weight_key, p.transform.read(a, p.aux_keys, dtype, buf))
                 w.write(p.scale_key, torch.full(p.scale_shape, float(init_scale), dtype=torch.float32))
         patch = {ph: job.result() for ph, job in (digests or {}).items()}
         result = w.commit(patch=patch)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mmsurgery.checkpoint.dtypes import ITEMSIZE
+
 OPS = ("copy", "cat_qkv", "chunk_qkv")
 
 
@@ -40,6 +42,29 @@ class Transform:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Transform:
         return cls(data["op"], data.get("part"), bool(data.get("aux_conv1d")), bool(data.get("target_conv1d")))
+
+    def read(self, ck: Any, keys: Sequence[str], dtype: str, buf: Any) -> Any:
+        """`apply([ck.get(k) for k in keys], dtype)`, the same values, but read into `buf` (a reused 1-D uint8
+        tensor of at least `sum(nbytes)`) so a streaming `pair` touches no fresh memory per tensor: without
+        transposes or a cast, `copy` is the tensor's bytes, `cat_qkv` the three tensors' bytes one after another,
+        `chunk_qkv` a row range of the fused tensor. Anything else falls back to `apply` (fresh memory). The result
+        is a view of `buf`, valid until `buf` is written again."""
+        import torch
+
+        infos = [ck.infos[k] for k in keys]
+        if self.aux_conv1d or self.target_conv1d or any(i.dtype != dtype for i in infos):
+            return self.apply([ck.get(k) for k in keys], dtype=getattr(torch, dtype))
+        offset = 0
+        parts = []
+        for k, i in zip(keys, infos, strict=True):
+            n = i.numel * ITEMSIZE[i.dtype]
+            parts.append(ck.read_into(k, buf[offset : offset + n]))
+            offset += n
+        if self.op == "copy":
+            return parts[0]
+        if self.op == "cat_qkv":
+            return buf[:offset].view(parts[0].dtype).reshape(self.out_shape([i.shape for i in infos]))
+        return parts[0].chunk(3, dim=0)[self.part]  # rows of a contiguous tensor: contiguous
 
     def out_shape(self, aux_shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         """The (linear-orientation, then target-orientation) shape the transform produces, from shapes alone."""
