@@ -221,6 +221,6 @@ def fold_file(
                 for s in source.specs:
                     w.write(s.name, source.tensor(s.name, buffers))
             digest = hashing.result() if hashing is not None else None
-            written = w.commit(patch={hashing.placeholder: digest} if hashing is not None and digest else None)
+            written = w.commit(patch={hashing.placeholder: digest} if hashing is not None else None)
         output = written.path.parent if extra_files is not None else written.path
         return FoldResult(ck.path, output, source.scales, len(source.specs), digest, written)

@@ -53,7 +53,6 @@ __all__ = [
     "is_pathway_key",
     "paired_format",
     "parse_key",
-    "pathway_layers",
     "plan_key",
     "read_scales",
     "scale_entry",
@@ -282,11 +281,6 @@ def checkpoint_pathways(ck: Checkpoint) -> dict[str, PathwaySpec]:
     return find_pathways({k: i.shape for k, i in ck.infos.items()}, ck.path)
 
 
-def pathway_layers(ck: Checkpoint) -> list[str]:
-    """Module paths that carry a pathway (see `find_pathways`)."""
-    return list(checkpoint_pathways(ck))
-
-
 def scale_entry(values: Sequence[Sequence[float]]) -> LayerScales:
     """A layer's λ for reports and JSON, from each auxiliary's values: a float in the classic case (one auxiliary,
     one value: what every one-auxiliary file gives, as before), else a list with one entry per auxiliary, each a
@@ -321,7 +315,7 @@ class FoldResult:
     output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
     scales: dict[str, LayerScales]  # module path -> λ (`scale_entry`)
     num_tensors: int
-    sha256: str | None  # of the paired input; None with source_hash=False
+    sha256: str | None  # of the paired input with source_hash=True (`fold --source-hash`), else None
     written: WriteResult | None
 
     @property
