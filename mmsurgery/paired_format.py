@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -50,6 +50,7 @@ __all__ = [
     "check_format",
     "checkpoint_pathways",
     "find_pathways",
+    "group_pathway_keys",
     "is_pathway_key",
     "paired_format",
     "parse_key",
@@ -106,6 +107,17 @@ def parse_key(name: str) -> PathwayKey | None:
 
 def is_pathway_key(name: str) -> bool:
     return parse_key(name) is not None
+
+
+def group_pathway_keys(names: Iterable[str]) -> dict[str, dict[int, dict[str, str]]]:
+    """The pathway keys among `names`, grouped: module path → auxiliary index → kind (`aux`, `scale`) → key, in
+    name order. Other keys are left out; whether each group is complete is the caller's check."""
+    groups: dict[str, dict[int, dict[str, str]]] = {}
+    for name in names:
+        key = parse_key(name)
+        if key is not None:
+            groups.setdefault(key.module, {}).setdefault(key.index, {})[key.kind] = name
+    return groups
 
 
 V = TypeVar("V")
@@ -240,14 +252,9 @@ def find_pathways(shapes: Mapping[str, Sequence[int]], where: object = "checkpoi
     """The pathways among a checkpoint's names → shapes, in name order. Raises `FoldError` listing what is
     inconsistent: an aux_weight without its λ or the reverse, a gap in the auxiliary numbers, a missing or
     differently shaped `P.weight`, a λ shape that cannot scale W (`scale_problem`)."""
-    found: dict[str, dict[int, dict[str, str]]] = {}
-    for name in shapes:
-        key = parse_key(name)
-        if key is not None:
-            found.setdefault(key.module, {}).setdefault(key.index, {})[key.kind] = name
     problems: list[str] = []
     specs: dict[str, PathwaySpec] = {}
-    for module, per_aux in found.items():
+    for module, per_aux in group_pathway_keys(shapes).items():
         label = module or "(top level)"
         weight = shapes.get(f"{module}.weight" if module else "weight")
         indices = sorted(per_aux)

@@ -29,7 +29,7 @@ from mmsurgery.paired_format import (
     SCALE_SUFFIX,
     LayerScales,
     aux_suffix,
-    parse_key,
+    group_pathway_keys,
     scale_entry,
     scale_problem,
     scale_suffix,
@@ -249,15 +249,13 @@ def attach(
     except BadInputError as e:
         raise AttachError(f"cannot attach the pathway; the model was not changed: {e}") from None
     problems: list[str] = []
-    found: dict[str, dict[int, dict[str, Tensor]]] = {}
-    for key, value in state.items():
-        parsed = parse_key(key)
-        assert parsed is not None  # split_paired kept pathway keys only
-        found.setdefault(parsed.module, {}).setdefault(parsed.index, {})[parsed.kind] = value
+    found = group_pathway_keys(state)  # module -> auxiliary -> kind -> key
     num_aux = max((len(v) for v in found.values()), default=1)
     for label, what in (("aux_trainable", aux_trainable), ("init_scale", init_scale)):
-        if not isinstance(what, (bool, int, float)) and len(list(what)) != num_aux:
-            problems.append(f"{label}: {len(list(what))} value(s) for {num_aux} auxiliary model(s)")
+        try:
+            _per_aux(what, num_aux, label)
+        except AttachError as e:
+            problems.append(str(e))
     paths: list[str] = []
     for path, per_aux in found.items():
         indices = sorted(per_aux)
@@ -303,8 +301,8 @@ def attach(
             )
             problems.append(f"'{path}': {type(module).__name__} has no `weight` Parameter{hint}")
             continue
-        auxes = [found[path][k]["aux"] for k in range(num_aux)]
-        shapes = [tuple(found[path][k]["scale"].shape) for k in range(num_aux)]
+        auxes = [state[found[path][k]["aux"]] for k in range(num_aux)]
+        shapes = [tuple(state[found[path][k]["scale"]].shape) for k in range(num_aux)]
         bad = _aux_problem(weight, auxes, shapes)
         if bad:
             problems.append(f"'{path}': {bad}")
