@@ -241,6 +241,17 @@ def test_attach_refuses_a_file_whose_layers_disagree_on_the_number_of_auxiliarie
     assert not pathway.is_attached(model)
 
 
+@pytest.mark.parametrize(("option", "value"), [("aux_trainable", [True]), ("init_scale", [0.0, 0.0, 0.0])])
+def test_attach_refuses_a_per_auxiliary_option_of_the_wrong_length(two_aux, option, value) -> None:
+    """One value serves every auxiliary; a list must have one per auxiliary (2 here), else nothing is attached."""
+    model = tiny_vit(0)
+    with pytest.raises(AttachError, match=rf"{option}: {len(value)} value\(s\) for 2 auxiliary model\(s\)"):
+        pathway.attach(model, str(two_aux), **{option: value})
+    assert not pathway.is_attached(model)
+    pathway.attach(model, str(two_aux), **{option: value[0]})  # the same value once: for both
+    assert pathway.is_attached(model)
+
+
 def test_verify_gates_a_k2_fold_and_catches_a_tampered_one(two_aux, tmp_path) -> None:
     model = tiny_vit(0)
     pathway.attach(model, two_aux)
