@@ -54,7 +54,7 @@ from mmsurgery.training import TrainConfig, train_classifier
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 reproduce = importlib.import_module("reproduce")  # the from-scratch experiment: same ViT, same data, same helpers
 CONFIG: ViTConfig = reproduce.CONFIG
-t95 = reproduce.t95
+paired_stats = reproduce.paired_stats
 
 ARMS = {  # name: (aux kind, W_aux trainable, λ lr multiplier)
     "plain": (None, False, 1.0),
@@ -65,7 +65,6 @@ ARMS = {  # name: (aux kind, W_aux trainable, λ lr multiplier)
     "reversed": ("reversed", True, 1.0),
     "minilm-lr10": ("minilm", True, 10.0),
 }
-ROLE_OF = reproduce.ROLE_OF
 minilm_file = reproduce.minilm_file
 
 
@@ -207,24 +206,14 @@ def block_linear_keys(state_infos) -> list[str]:
 def gaussian_like(state: dict[str, Tensor], keys: list[str], seed: int) -> dict[str, Tensor]:
     """Each block linear replaced by Gaussian values with that tensor's own mean and std (no learned structure)."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    out = dict(state)
-    for k in keys:
-        v = state[k]
-        out[k] = (torch.randn(v.shape, generator=g) * v.float().std() + v.float().mean()).to(v.dtype)
-    return out
+    return state | {k: reproduce.gaussian_matched(state[k].float(), g).to(state[k].dtype) for k in keys}
 
 
 def permuted_like(state: dict[str, Tensor], keys: list[str], seed: int) -> dict[str, Tensor]:
     """Each block linear with a random permutation of its rows and another of its columns: exactly the same values
     (and the same singular values) per tensor, but which input feeds which output is scrambled."""
     g = torch.Generator().manual_seed(20_000 + seed)
-    out = dict(state)
-    for k in keys:
-        v = state[k]
-        rows = torch.randperm(v.shape[0], generator=g)
-        cols = torch.randperm(v.shape[1], generator=g)
-        out[k] = v[rows][:, cols].contiguous()
-    return out
+    return state | {k: reproduce.permuted_matrix(state[k], g) for k in keys}
 
 
 def aux_file(kind: str, pretrain_seed: int, cache: Path) -> Path:
@@ -327,23 +316,6 @@ def top1(logits: Tensor, labels: Tensor) -> float:
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def t80(n: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.80, n - 1))
-
-
-def paired_stats(diffs: list[float]) -> dict[str, float]:
-    """Mean paired difference, its 95% t interval, and the minimum detectable effect: the true difference a
-    two-sided paired t test at α = 0.05 would detect with 80% power, ≈ (t_0.975 + t_0.8) · sd / √n."""
-    n = len(diffs)
-    mean = statistics.mean(diffs)
-    sd = statistics.stdev(diffs) if n > 1 else float("nan")
-    se = sd / math.sqrt(n)
-    half = t95(n) * se
-    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "mde": (t95(n) + t80(n)) * se}
-
-
 def main_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("phase") == "main"]
 
@@ -373,11 +345,7 @@ def summarize(rows: list[dict], arms: list[str]) -> str:
         if ARMS[a][0] is not None:
             same = sum(r.get("folded_test_acc") == r["test_acc"] for r in runs.values())
             folded = f"{same}/{len(runs)}"
-        lam: dict[str, list[float]] = {role: [] for role in ROLE_OF.values()}
-        for r in runs.values():
-            for layer, v in r["scales"].items():
-                lam[ROLE_OF[layer.split(".", 2)[2]]].append(abs(v))
-        lam_s = " / ".join(f"{statistics.mean(v):.4f}" for v in lam.values()) if any(lam.values()) else "—"
+        lam_s = reproduce.lambda_by_role(runs.values())
         val = statistics.mean(r["val_acc"] for r in runs.values())
         lines.append(
             f"| {a} | {len(acc)} | {100 * statistics.mean(acc):.2f} ± {100 * sd:.2f} | {delta} | {mde} | {folded} "

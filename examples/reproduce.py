@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -73,9 +74,20 @@ def permuted(path: Path, out: Path, seed: int = 0) -> Path:
     state = load_file(path)
     for k, v in state.items():
         if v.ndim == 2:
-            state[k] = v[torch.randperm(v.shape[0], generator=g)][:, torch.randperm(v.shape[1], generator=g)]
-    save_file({k: v.contiguous() for k, v in state.items()}, out)
+            state[k] = permuted_matrix(v, g)
+    save_file(state, out)
     return out
+
+
+def permuted_matrix(v: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """`v` with a random permutation of its rows and then another of its columns: the same values and singular
+    values, which input feeds which output scrambled (contiguous)."""
+    return v[torch.randperm(v.shape[0], generator=g)][:, torch.randperm(v.shape[1], generator=g)].contiguous()
+
+
+def gaussian_matched(v: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian values of `v`'s shape with `v`'s own mean and std (no learned structure)."""
+    return torch.randn(v.shape, generator=g) * v.std() + v.mean()
 
 
 def paired_pathways(source: str) -> dict[str, torch.Tensor]:
@@ -101,7 +113,7 @@ def minilm_aux() -> dict[str, torch.Tensor]:
 def random_like(aux: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """The control: Gaussian weights with each MiniLM tensor's own mean and std (no learned structure)."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    return {k: torch.randn(v.shape, generator=g) * v.std() + v.mean() for k, v in aux.items()}
+    return {k: gaussian_matched(v, g) for k, v in aux.items()}
 
 
 def run(arm: str, seed: int, aux: dict[str, torch.Tensor], data, args) -> dict[str, object]:
@@ -138,6 +150,33 @@ def t95(n: int) -> float:
     return float(t.ppf(0.975, n - 1))
 
 
+def t80(n: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.80, n - 1))
+
+
+def paired_stats(diffs: list[float]) -> dict[str, float]:
+    """Mean paired difference, its 95% t interval, and the minimum detectable effect: the true difference a
+    two-sided paired t test at α = 0.05 would detect with 80% power, ≈ (t_0.975 + t_0.8) · sd / √n."""
+    n = len(diffs)
+    mean = statistics.mean(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else float("nan")
+    se = sd / math.sqrt(n)
+    half = t95(n) * se
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "mde": (t95(n) + t80(n)) * se}
+
+
+def lambda_by_role(runs: Iterable[dict]) -> str:
+    """Mean |λ| per linear role over the runs (every λ value of every auxiliary; per-qkv: its three), as
+    `qkv / attn_out / mlp_in / mlp_out`, or — without pathways."""
+    lam: dict[str, list[float]] = {role: [] for role in ROLE_OF.values()}
+    for r in runs:
+        for layer, v in r["scales"].items():
+            lam[ROLE_OF[layer.split(".", 2)[2]]].extend(abs(x) for x in scale_values(v))
+    return " / ".join(f"{statistics.mean(v):.4f}" for v in lam.values()) if any(lam.values()) else "—"
+
+
 def summarize(rows: list[dict], arms: list[str]) -> str:
     by = {a: {r["seed"]: r for r in rows if r["arm"] == a} for a in arms}
     plain = by.get("plain", {})
@@ -152,17 +191,11 @@ def summarize(rows: list[dict], arms: list[str]) -> str:
         acc = [r["test_acc"] for r in runs.values()]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
         common = sorted(set(runs) & set(plain))
+        delta = "—"
         if a != "plain" and len(common) > 1:
-            d = [runs[s]["test_acc"] - plain[s]["test_acc"] for s in common]
-            half = t95(len(d)) * statistics.stdev(d) / math.sqrt(len(d))
-            delta = f"{100 * statistics.mean(d):+.2f} pts [{100 * (statistics.mean(d) - half):+.2f}, {100 * (statistics.mean(d) + half):+.2f}]"
-        else:
-            delta = "—"
-        lam = {role: [] for role in ROLE_OF.values()}
-        for r in runs.values():
-            for layer, v in r["scales"].items():  # every λ value of every auxiliary (per-qkv: its three)
-                lam[ROLE_OF[layer.split(".", 2)[2]]].extend(abs(x) for x in scale_values(v))
-        lam_s = " / ".join(f"{statistics.mean(v):.4f}" for v in lam.values()) if any(lam.values()) else "—"
+            st = paired_stats([runs[s]["test_acc"] - plain[s]["test_acc"] for s in common])
+            delta = f"{100 * st['mean']:+.2f} pts [{100 * st['lo']:+.2f}, {100 * st['hi']:+.2f}]"
+        lam_s = lambda_by_role(runs.values())
         val = statistics.mean(r["val_acc"] for r in runs.values())
         lines.append(
             f"| {a} | {len(acc)} | {100 * statistics.mean(acc):.2f} ± {100 * sd:.2f} | {delta} | {100 * val:.2f} | {lam_s} |"
