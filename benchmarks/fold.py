@@ -5,8 +5,8 @@ a naive fold (load both whole, add, save), all in the same run, interleaved, eac
     .venv/bin/python benchmarks/fold.py [--sizes vit_l,vit_h] [--repeats 7] [--skip-naive] [--dir DIR]
 
 Reported: wall time after imports (and of the whole process), its ratio to the floor (issue 13: `cat PAIRED >
-/dev/null` + `cp TARGET OUT && sync OUT`; the median of the ratios per round, and the ratio of medians), peak RSS (VmHWM: it counts memory-mapped input pages, which are reclaimable page cache) and
-peak anonymous memory (RssAnon, sampled every 5 ms: the memory the process really holds).
+/dev/null` + `cp TARGET OUT && sync OUT`; the median of the ratios per round, and the ratio of medians), peak RSS
+(VmHWM: it counts memory-mapped input pages, which are reclaimable page cache) and peak anonymous memory (RssAnon, sampled every 5 ms: the memory the process really holds).
 """
 
 from __future__ import annotations

@@ -140,8 +140,8 @@ def _transforms(model: nn.Module, *, legacy: bool) -> tuple[list[Any], list[Any]
 
 def to_model_names(model: nn.Module, state: Mapping[str, T]) -> dict[str, T]:
     """`state`'s keys as `model.state_dict()` names them: transformers' load-time renaming for an HF model (keys
-    already in the model's names stay as they are), unchanged for any other model. A pathway key
-    (`P.aux_weight`, `P.cross_modal_scale`, `P.aux_weight_1`, ...) is named after its `P.weight`, so it follows the weight even where
+    already in the model's names stay as they are), unchanged for any other model. A pathway key (`P.aux_weight`,
+    `P.cross_modal_scale`, `P.aux_weight_1`, ...) is named after its `P.weight`, so it follows the weight even where
     transformers adds or strips the base-model prefix (a `ViTModel` folder into `ViTForImageClassification`), which
     it decides from the model's own keys. Raises `BadInputError` when a key needs one of transformers' tensor
     converters, or when two keys would get the same name."""
