@@ -11,7 +11,7 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import NoTransformerBlocksError
 from mmsurgery.layout.detect import Layout, Stack, default_stack, detect
-from mmsurgery.paired_format import checkpoint_pathways, read_scales
+from mmsurgery.paired_format import LayerScales, paired_view
 
 SCHEMA = "mmsurgery.inspect/1"
 
@@ -31,7 +31,7 @@ class Description:
     alternatives: tuple[str, ...]
     ignored: dict[str, str]
     metadata: dict[str, str]
-    scales: dict[str, float] | None = None  # λ per pathway layer of a paired checkpoint
+    scales: dict[str, LayerScales] | None = None  # λ per pathway layer of a paired checkpoint; None: a plain one
 
     @property
     def stacks(self) -> tuple[Stack, ...]:
@@ -93,9 +93,9 @@ def describe_checkpoint(ck: Checkpoint) -> Description:
     )
 
 
-def _scales(ck: Checkpoint) -> dict[str, float] | None:
-    pathways = checkpoint_pathways(ck)
-    return read_scales(ck, pathways) if pathways else None
+def _scales(ck: Checkpoint) -> dict[str, LayerScales] | None:
+    paired = paired_view(ck)
+    return None if paired.is_plain else paired.scales
 
 
 def describe(path: str | os.PathLike[str], key: str | None = None) -> Description:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES as DTYPES
 from mmsurgery.checkpoint.hashing import HashJob
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
-from mmsurgery.checkpoint.writer import SafetensorsWriter
+from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
+from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
 from mmsurgery.hf import output_for
@@ -31,14 +30,12 @@ from mmsurgery.paired_format import (
     SCALES_KEY,
     SOURCE_KEY,
     VERSION_KEY,
-    FoldResult,
     LayerScales,
-    PathwaySpec,
+    PairedCheckpoint,
     aux_key,
-    checkpoint_pathways,
-    read_scales,
+    open_paired,
+    paired_view,
     scale_key,
-    scale_values,
 )
 
 __all__ = ["DTYPES", "FoldBuffers", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
@@ -52,26 +49,52 @@ def default_output(paired: Path) -> Path:
     return paired.with_name(f"{stem}.plain.safetensors")
 
 
+@dataclass(frozen=True)
+class FoldResult:
+    source: Path
+    output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
+    scales: dict[str, LayerScales]  # module path -> λ (`paired_format.scale_entry`)
+    num_tensors: int
+    sha256: str | None  # of the paired input with source_hash=True (`fold --source-hash`), else None
+    written: WriteResult | None
+
+    @property
+    def already_plain(self) -> bool:
+        return not self.scales
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": str(self.source),
+            "output": str(self.output) if self.output else None,
+            "already_plain": self.already_plain,
+            "folded": len(self.scales),
+            "num_tensors": self.num_tensors,
+            "source_sha256": self.sha256,
+            "bytes": self.written.total_size if self.written else 0,
+            "copied": [p.name for p in self.written.extra_files] if self.written else [],
+            "scales": self.scales,
+        }
+
+
 class PlainTensors:
     """What folding a paired checkpoint produces, tensor by tensor: the specs of the plain output (the input's
     order, pathway tensors dropped, floating dtypes cast for `dtype`) and `tensor(name)`, the one computation of
     each output tensor. `fold_file` writes these tensors; `verify`'s weights stage compares a PLAIN against them,
     so the gate and the fold cannot disagree about what a correct fold is.
 
-    Build it with `plain_tensors(ck, dtype)`; it reads tensors from `ck` lazily, so `ck` must stay open.
+    Build it with `plain_tensors(paired, dtype)`; it reads tensors from `paired.ck` lazily, so that must stay open.
     """
 
-    def __init__(
-        self, ck: Checkpoint, pathways: dict[str, PathwaySpec], scales: dict[str, LayerScales], dtype: str
-    ) -> None:
-        self.ck = ck
-        self.pathways = pathways
-        self.layers = list(pathways)
-        self.scales = scales
+    def __init__(self, paired: PairedCheckpoint, dtype: str) -> None:
+        self.paired = paired
+        self.ck = paired.ck
+        self.pathways = paired.pathways
+        self.layers = list(paired.pathways)
+        self.scales = paired.scales
         self.dtype = dtype
-        dropped = {key for spec in pathways.values() for key in spec.tensor_keys()}
-        self._folded = {f"{p}.weight": spec for p, spec in pathways.items()}
-        self.specs = [self._spec(i) for k, i in ck.infos.items() if k not in dropped]
+        self._folded = {f"{p}.weight": spec for p, spec in paired.pathways.items()}
+        infos = paired.ck.infos
+        self.specs = [self._spec(infos[k]) for k in paired.plain_keys]
 
     def _spec(self, info: TensorInfo) -> TensorInfo:
         cast = self.dtype != "keep" and info.dtype in FLOATING
@@ -132,17 +155,19 @@ def _check_dtype(dtype: str) -> None:
         raise BadInputError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
 
-def plain_tensors(ck: Checkpoint, dtype: str = "keep") -> PlainTensors:
-    """The fold of the paired checkpoint `ck` (see `PlainTensors`); no pathway layers means a plain input, whose
-    tensors pass through. Raises `FoldError` for an inconsistent paired file or a non-finite λ, and
-    `BadInputError` for an unknown `dtype`."""
+def plain_tensors(paired: PairedCheckpoint | Checkpoint, dtype: str = "keep") -> PlainTensors:
+    """The fold of `paired` (see `PlainTensors`): a `PairedCheckpoint` (`open_paired`), or an open `Checkpoint`,
+    which is viewed as one first (`paired_view`). No pathway layers means a plain input, whose tensors pass
+    through. Raises `FoldError` for an inconsistent paired file or a non-finite λ, and `BadInputError` for an
+    unknown `dtype` or a newer format version."""
     _check_dtype(dtype)
-    pathways = checkpoint_pathways(ck)
-    scales = read_scales(ck, pathways) if pathways else {}
-    bad = [p for p, v in scales.items() if not all(math.isfinite(x) for x in scale_values(v))]
+    if isinstance(paired, Checkpoint):
+        paired = paired_view(paired)
+    bad = paired.nonfinite_layers
     if bad:
-        raise FoldError(f"{bad[0]}: cross_modal_scale is {scales[bad[0]]}; refusing to fold ({len(bad)} layer(s))")
-    return PlainTensors(ck, pathways, scales, dtype)
+        lam = paired.scales[bad[0]]
+        raise FoldError(f"{bad[0]}: cross_modal_scale is {lam}; refusing to fold ({len(bad)} layer(s))")
+    return PlainTensors(paired, dtype)
 
 
 @contextlib.contextmanager
@@ -190,11 +215,13 @@ def fold_file(
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
     """
     _check_dtype(dtype)
-    with open_checkpoint(paired, key=key) as ck:
+    with open_paired(paired, key=key) as opened:
+        ck = opened.ck
         hashing = HashJob(ck.files, opener=ck.open_pinned) if source_hash else None  # on the other core
-        source = plain_tensors(ck, dtype)
+        source = plain_tensors(opened, dtype)
         if not source.layers:
-            return FoldResult(ck.path, None, {}, len(ck), hashing.result() if hashing else None, None)
+            digest = hashing.result() if hashing is not None else None
+            return FoldResult(source=ck.path, output=None, scales={}, num_tensors=len(ck), sha256=digest, written=None)
         metadata = {k: v for k, v in ck.metadata.items() if k != FORMAT_KEY}
         metadata |= {
             "format": "pt",  # torch tensors, as transformers writes it; readers that check it expect "pt"
@@ -223,4 +250,11 @@ def fold_file(
             digest = hashing.result() if hashing is not None else None
             written = w.commit(patch={hashing.placeholder: digest} if hashing is not None else None)
         output = written.path.parent if extra_files is not None else written.path
-        return FoldResult(ck.path, output, source.scales, len(source.specs), digest, written)
+        return FoldResult(
+            source=ck.path,
+            output=output,
+            scales=source.scales,
+            num_tensors=len(source.specs),
+            sha256=digest,
+            written=written,
+        )

@@ -20,7 +20,7 @@ from torch import Tensor
 from mmsurgery.errors import FoldError
 from mmsurgery.paired_format import block_view, scale_problem
 
-__all__ = ["effective_weight", "fold_weight"]
+__all__ = ["all_finite", "effective_weight", "fold_weight"]
 
 
 Tensors = Tensor | Sequence[Tensor]
@@ -141,17 +141,17 @@ def fold_weight(
             folded = torch.add(weight.float(), folded, out=out)
         for s, a in zip(scales[1:], auxes[1:], strict=True):
             folded = folded.add_(scaled(s.float(), a.float()))  # folded is fresh (or `out`): in place, same bits
-        if not _all_finite(folded):
+        if not all_finite(folded):
             raise FoldError(f"{label}: W + λ·W_aux is not finite (a non-finite W or W_aux, or an overflow)")
         if folded.dtype == weight.dtype:
             return folded  # float() returned the inputs themselves, so `folded` is already a fresh tensor
         cast = folded.to(weight.dtype)
-        if not _all_finite(cast):
+        if not all_finite(cast):
             raise FoldError(f"{label}: W + λ·W_aux overflows {weight.dtype}; keep the checkpoint in float32")
         return cast
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
     """Exact, and one cheap pass in the common case: any inf or nan makes the sum non-finite (inf - inf is nan),
     so a finite sum proves every element finite; a non-finite sum (a bad element, or an overflow of the sum
     itself) is decided element by element."""

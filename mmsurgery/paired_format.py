@@ -11,19 +11,23 @@ A paired checkpoint holds every target tensor plus, per paired linear `P` and pe
 `W_aux` is in the target's layout and dtype; λ is float32 and holds one value (M2PT's `[1]`, or `[]`), or one
 value per block of W: per fused-qkv chunk or per output channel (`scale_shape`, `scale_problem`, `block_view`).
 The merged weight is `W + Σₖ λₖ·W_auxₖ`, added left to right in float32 (`mmsurgery.foldmath`).
+
+Every reader opens a paired checkpoint the same way: `open_paired(path)` (or `paired_view(ck)` over a checkpoint
+already open) checks the format version, finds and validates the pathways and reads λ once, and gives a
+`PairedCheckpoint`; `fold`, `describe`, `pathway.attach` and `verify` take that.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from mmsurgery.checkpoint.reader import Checkpoint
-from mmsurgery.checkpoint.writer import WriteResult
+from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import BadInputError, FoldError
 
 __all__ = [
@@ -40,8 +44,8 @@ __all__ = [
     "SOURCE_KEY",
     "VERSION_KEY",
     "VIT_KEY",
-    "FoldResult",
     "LayerScales",
+    "PairedCheckpoint",
     "PathwayKey",
     "PathwaySpec",
     "aux_key",
@@ -52,7 +56,9 @@ __all__ = [
     "find_pathways",
     "group_pathway_keys",
     "is_pathway_key",
+    "open_paired",
     "paired_format",
+    "paired_view",
     "parse_key",
     "plan_key",
     "read_scales",
@@ -284,6 +290,7 @@ def find_pathways(shapes: Mapping[str, Sequence[int]], where: object = "checkpoi
 
 
 def checkpoint_pathways(ck: Checkpoint) -> dict[str, PathwaySpec]:
+    """`find_pathways` of an open checkpoint, after `check_format` (λ not read: `paired_view` gives both)."""
     check_format(ck.metadata, ck.path)
     return find_pathways({k: i.shape for k, i in ck.infos.items()}, ck.path)
 
@@ -315,29 +322,83 @@ def read_scales(ck: Checkpoint, pathways: Mapping[str, PathwaySpec]) -> dict[str
     }
 
 
-# ---- results ------------------------------------------------------------------------------------------------
+# ---- one opener ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FoldResult:
-    source: Path
-    output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
-    scales: dict[str, LayerScales]  # module path -> λ (`scale_entry`)
-    num_tensors: int
-    sha256: str | None  # of the paired input with source_hash=True (`fold --source-hash`), else None
-    written: WriteResult | None
+class PairedCheckpoint:
+    """A checkpoint opened as a paired checkpoint: its format version checked (`check_format`), its pathways found
+    and validated (`find_pathways`) and its λ read (`read_scales`), once, before any caller looks at it. A file
+    without pathway tensors is a valid, plain one (`is_plain`). Tensors stay in `ck`, read lazily; closing this
+    (`close()`, or leaving `with open_paired(path) as paired:`) closes `ck`. Build it with `open_paired` or
+    `paired_view`."""
+
+    ck: Checkpoint
+    pathways: dict[str, PathwaySpec]  # module path (the names in the file) -> its pathway, in name order
+    scales: dict[str, LayerScales]  # module path -> λ as `scale_entry` gives it; {} for a plain file
+    format: str | None  # the file's `mmsurgery.format`, or None (M2PT's own files, a plain model)
 
     @property
-    def already_plain(self) -> bool:
-        return not self.scales
+    def path(self) -> Path:
+        return self.ck.path
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "source": str(self.source),
-            "output": str(self.output) if self.output else None,
-            "already_plain": self.already_plain,
-            "folded": len(self.scales),
-            "num_tensors": self.num_tensors,
-            "source_sha256": self.sha256,
-            "bytes": self.written.total_size if self.written else 0,
-            "copied": [p.name for p in self.written.extra_files] if self.written else [],
-            "scales": self.scales,
-        }
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.ck.metadata
+
+    @property
+    def is_plain(self) -> bool:
+        """No pathway tensors: folding it is a no-op, attaching from it finds nothing."""
+        return not self.pathways
+
+    @property
+    def num_aux(self) -> int:
+        """The most auxiliaries any pathway has (0 for a plain file; `attach` requires all layers to agree)."""
+        return max((spec.num_aux for spec in self.pathways.values()), default=0)
+
+    @property
+    def pathway_keys(self) -> list[str]:
+        """Every pathway tensor's name (`aux_weight*`, `cross_modal_scale*`), in file order."""
+        return [name for name in self.ck.infos if is_pathway_key(name)]
+
+    @property
+    def plain_keys(self) -> list[str]:
+        """Every other tensor's name (the target's: what the plain model has), in file order."""
+        return [name for name in self.ck.infos if not is_pathway_key(name)]
+
+    @property
+    def nonfinite_layers(self) -> list[str]:
+        """The pathways whose λ holds a NaN or an infinity, in name order."""
+        return [p for p, v in self.scales.items() if not all(math.isfinite(x) for x in scale_values(v))]
+
+    def plan_json(self, k: int = 0) -> str | None:
+        """The pairing plan of auxiliary `k` as `pair` recorded it (`mmsurgery.plan[.k]`), or None."""
+        return self.ck.metadata.get(plan_key(k))
+
+    def close(self) -> None:
+        self.ck.close()
+
+    def __enter__(self) -> PairedCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def paired_view(ck: Checkpoint) -> PairedCheckpoint:
+    """`ck` as a paired checkpoint (see `PairedCheckpoint`); `ck` stays the caller's to close. Raises
+    `BadInputError` for a newer format version and `FoldError` for inconsistent pathways, each in one line. λ is
+    read without torch from a safetensors file."""
+    pathways = checkpoint_pathways(ck)
+    scales = read_scales(ck, pathways) if pathways else {}
+    return PairedCheckpoint(ck=ck, pathways=pathways, scales=scales, format=ck.metadata.get(FORMAT_KEY))
+
+
+def open_paired(path: str | os.PathLike[str], key: str | None = None) -> PairedCheckpoint:
+    """Open `path` (anything `open_checkpoint` reads; `key` picks a pickle's or DCP folder's wrapper entry) as a
+    paired checkpoint: `with open_paired(path) as paired: ...`. The checkpoint is closed again if it is refused
+    (`paired_view`'s errors)."""
+    ck = open_checkpoint(path, key=key)
+    try:
+        return paired_view(ck)
+    except BaseException:
+        ck.close()
+        raise

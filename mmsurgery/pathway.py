@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,15 +22,19 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from mmsurgery.checkpoint.dtypes import ITEMSIZE
+from mmsurgery.checkpoint.reader import Checkpoint
 from mmsurgery.errors import AttachError, BadInputError, FoldError
-from mmsurgery.foldmath import effective_weight, fold_weight
+from mmsurgery.foldmath import all_finite, effective_weight, fold_weight
 from mmsurgery.hf import to_model_names
 from mmsurgery.paired_format import (
     AUX_SUFFIX,
     SCALE_SUFFIX,
     LayerScales,
+    PairedCheckpoint,
     aux_suffix,
     group_pathway_keys,
+    open_paired,
     scale_entry,
     scale_problem,
     scale_suffix,
@@ -206,12 +211,34 @@ def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
                     keys[i] = key[: len(key) - len(internal)] + public
 
 
-def _load_paired(paired: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a paired checkpoint in any format `open_checkpoint` reads (safetensors, shards, a DDP `.pt`)."""
-    from mmsurgery.checkpoint import open_checkpoint
+@dataclass(frozen=True)
+class _Stored:
+    """A pathway tensor left in an open checkpoint: its shape from the header, its values read only when asked
+    (`_values`), so attaching from a file holds one tensor of it at a time."""
 
-    with open_checkpoint(paired) as ck:
-        return ck.to_state_dict()
+    ck: Checkpoint
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.ck.infos[self.name].shape
+
+
+def _values(value: Tensor | _Stored) -> Tensor:
+    """A stored tensor read into fresh memory this call owns (never a view of a mapped file: a trainable W_aux is
+    updated in place), or the given tensor."""
+    if not isinstance(value, _Stored):
+        return value
+    info = value.ck.info(value.name)
+    buf = torch.empty(info.numel * ITEMSIZE[info.dtype], dtype=torch.uint8)
+    return value.ck.read_into(value.name, buf)
+
+
+def _open_for_attach(path: str | os.PathLike[str]) -> PairedCheckpoint:
+    try:
+        return open_paired(path)
+    except FoldError as e:  # an inconsistent paired file: say so as attach does
+        raise AttachError(f"cannot attach the pathway; the model was not changed: {e}") from None
 
 
 def _format_problems(problems: list[str], what: str) -> str:
@@ -222,7 +249,7 @@ def _format_problems(problems: list[str], what: str) -> str:
 
 def attach(
     model: nn.Module,
-    paired: str | os.PathLike[str] | Mapping[str, Tensor],
+    paired: str | os.PathLike[str] | PairedCheckpoint | Mapping[str, Tensor],
     *,
     aux_trainable: bool | Sequence[bool] = True,
     init_scale: float | Sequence[float] = 0.0,
@@ -230,6 +257,10 @@ def attach(
 ) -> nn.Module:
     """Attach a pathway to every module `P` whose `P.aux_weight` and `P.cross_modal_scale` are in `paired` (and
     `P.aux_weight_k`/`P.cross_modal_scale_k` of further auxiliaries: `W + Σₖ λₖ·W_auxₖ`).
+
+    `paired` is a path (opened with `paired_format.open_paired`, in any format `open_checkpoint` reads), an open
+    `PairedCheckpoint`, or a state dict. From a file only the pathway tensors are read, one `W_aux` at a time,
+    never the whole file; the file must be a consistent paired checkpoint (`find_pathways`), else `AttachError`.
 
     In place; returns `model`. Each `W_aux` is a copy of the paired tensor in the module weight's dtype and device;
     λ takes its shape from the file (one value, or one per qkv chunk or output channel: `mmsurgery pair --scale`)
@@ -240,12 +271,20 @@ def attach(
     `mmsurgery pair` keeps) or the model's own: pathway keys are renamed with transformers' rules
     (`hf.to_model_names`, the identity for other models); `layers` restricts the attach to some module paths, in
     the model's names. Everything is checked first (modules exist, have a `.weight` Parameter without
-    parametrization, shapes match, values finite); any problem raises `AttachError` listing them and leaves the
-    model untouched. Attach before wrapping the model in DDP.
+    parametrization, shapes match, values finite) and every `W_aux` copied before the first module changes; any
+    problem raises `AttachError` listing them and leaves the model untouched. Attach before wrapping the model in
+    DDP.
     """
-    state = _load_paired(paired) if isinstance(paired, (str, os.PathLike)) else paired
+    if isinstance(paired, (str, os.PathLike)):
+        with _open_for_attach(paired) as opened:
+            return attach(model, opened, aux_trainable=aux_trainable, init_scale=init_scale, layers=layers)
+    found_in: Mapping[str, Tensor | _Stored]
+    if isinstance(paired, PairedCheckpoint):
+        found_in = {name: _Stored(paired.ck, name) for name in paired.pathway_keys}
+    else:
+        found_in = split_paired(paired)[1]
     try:
-        state = to_model_names(model, split_paired(state)[1])
+        state = to_model_names(model, found_in)
     except BadInputError as e:
         raise AttachError(f"cannot attach the pathway; the model was not changed: {e}") from None
     problems: list[str] = []
@@ -277,7 +316,7 @@ def attach(
         paths = [p for p in wanted if p in paths]
     if not paths and not problems:
         problems.append(f"no pathway keys (`P.{AUX_KEY}` with `P.{SCALE_KEY}`) in the paired checkpoint")
-    targets: list[tuple[nn.Module, nn.Parameter, list[Tensor], list[tuple[int, ...]]]] = []
+    targets: list[tuple[nn.Module, list[Tensor], list[tuple[int, ...]]]] = []
     seen: dict[int, str] = {}
     for path in paths:
         try:
@@ -303,15 +342,14 @@ def attach(
             continue
         auxes = [state[found[path][k]["aux"]] for k in range(num_aux)]
         shapes = [tuple(state[found[path][k]["scale"]].shape) for k in range(num_aux)]
-        bad = _aux_problem(weight, auxes, shapes)
-        if bad:
-            problems.append(f"'{path}': {bad}")
+        copies = _aux_copies(weight, auxes, shapes)
+        if isinstance(copies, str):
+            problems.append(f"'{path}': {copies}")
         else:
-            targets.append((module, weight, auxes, [s if s else (1,) for s in shapes]))
+            targets.append((module, copies, [s if s else (1,) for s in shapes]))
     if problems:
         raise AttachError(_format_problems(problems, "cannot attach the pathway"))
-    for module, weight, auxes, shapes in targets:
-        copies = [torch.empty_like(weight, requires_grad=False).copy_(a.detach()) for a in auxes]
+    for module, copies, shapes in targets:
         pathway = Pathway(
             copies if len(copies) > 1 else copies[0],
             aux_trainable=aux_trainable,
@@ -319,7 +357,9 @@ def attach(
             scale_shapes=shapes,
         )
         pathway._param_order = tuple(module._parameters)
-        parametrize.register_parametrization(module, "weight", pathway)
+        # unsafe: skip the trial forward parametrize runs to check shape and dtype (W + λ·W_aux keeps both by
+        # construction); that trial allocated a whole weight per linear, ~the model again in freed heap blocks
+        parametrize.register_parametrization(module, "weight", pathway, unsafe=True)
         _public_names(module, pathway)
         pathway._handles = [
             module.register_state_dict_post_hook(_state_dict_post_hook),
@@ -329,18 +369,50 @@ def attach(
     return model
 
 
-def _aux_problem(weight: Tensor, auxes: list[Tensor], scale_shapes: list[tuple[int, ...]]) -> str | None:
+def _aux_copies(
+    weight: Tensor, auxes: Sequence[Tensor | _Stored], scale_shapes: list[tuple[int, ...]]
+) -> list[Tensor] | str:
+    """Each `W_aux` checked against `weight` and copied into a new tensor like it (the pathway's parameter), or the
+    first problem."""
+    copies: list[Tensor] = []
     for k, (aux, shape) in enumerate(zip(auxes, scale_shapes, strict=True)):
-        if tuple(aux.shape) != tuple(weight.shape):
-            return f"{aux_suffix(k)} shape {list(aux.shape)} != weight {list(weight.shape)}"
-        if not (weight.is_floating_point() and aux.is_floating_point()):
-            return f"weight and {aux_suffix(k)} must be floating point"
-        why = scale_problem(shape, weight.shape)
-        if why is not None:
-            return f"{scale_suffix(k)} {why}"
-        if not bool(torch.isfinite(aux).all()):
-            return f"{aux_suffix(k)} has non-finite values"
-    return None
+        copy = _aux_copy(weight, aux, shape, k)
+        if isinstance(copy, str):
+            return copy
+        copies.append(copy)
+    return copies
+
+
+def _aux_copy(weight: Tensor, aux: Tensor | _Stored, scale_shape: tuple[int, ...], k: int) -> Tensor | str:
+    """One `W_aux` checked and copied, or its problem. A stored one is read here (after the shape check), once; it
+    is dropped on return, so a file's tensors are held one at a time."""
+    if tuple(aux.shape) != tuple(weight.shape):
+        return f"{aux_suffix(k)} shape {list(aux.shape)} != weight {list(weight.shape)}"
+    values = _values(aux)
+    if not (weight.is_floating_point() and values.is_floating_point()):
+        return f"weight and {aux_suffix(k)} must be floating point"
+    why = scale_problem(scale_shape, weight.shape)
+    if why is not None:
+        return f"{scale_suffix(k)} {why}"
+    if not all_finite(values):
+        return f"{aux_suffix(k)} has non-finite values"
+    if values is not aux and _owned_like(values, weight):
+        return values  # read into fresh memory of W's dtype: it becomes the parameter, no second copy
+    return torch.empty_like(weight, requires_grad=False).copy_(values.detach())
+
+
+def _owned_like(values: Tensor, weight: Tensor) -> bool:
+    """Whether a tensor read for us (`_read`) can be W_aux's parameter as it is: a plain CPU tensor of W's dtype and
+    shape, contiguous like a fresh `empty_like(W)`."""
+    return (
+        type(values) is Tensor
+        and type(weight.data) is Tensor
+        and values.dtype == weight.dtype
+        and values.device == weight.device
+        and values.shape == weight.shape
+        and values.is_contiguous()
+        and weight.is_contiguous()
+    )
 
 
 def _entries(model: nn.Module) -> list[tuple[str, nn.Module, Pathway]]:

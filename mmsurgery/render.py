@@ -11,13 +11,14 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from mmsurgery.paired_format import FoldResult, scale_means
+from mmsurgery.paired_format import scale_means
 
-# Types only: importing mmsurgery.verify loads torch, and `inspect` on a safetensors file must not
-# (tests/test_cli_inspect.py runs the console script and checks). The fold's result type is the contract's.
+# Types only: importing mmsurgery.verify or mmsurgery.fold loads torch, and `inspect` on a safetensors file must
+# not (tests/test_cli_inspect.py runs the console script and checks).
 if TYPE_CHECKING:
     from mmsurgery.checkpoint.writer import WriteResult
     from mmsurgery.describe import Description
+    from mmsurgery.fold import FoldResult
     from mmsurgery.pairing.plan import Plan
     from mmsurgery.verify.report import Report
 
@@ -319,14 +320,6 @@ def print_error(console: Console, message: str) -> None:
 
 
 _VERIFY_STATUS = {"pass": ("PASS", "bold green"), "fail": ("FAIL", "bold red"), "skip": ("skip", "dim")}
-_VERIFY_NUMBERS = {
-    "weights": (("identical_tensors", "identical"), ("differing_tensors", "differ"), ("rule", "rule")),
-    "keys": (("plain_keys", "keys"), ("leftover_pathway_count", "leftover pathway")),
-    "fold": (("max_abs", "max abs"), ("max_rel", "max rel"), ("pathway_effect_max_abs", "pathway effect")),
-    "onnx": (("max_abs", "max abs"), ("max_rel", "max rel"), ("export_seconds", "export s")),
-    "cost": (("params", "params"), ("flops", "FLOPs"), ("node_count", "nodes")),
-    "latency": (("ratio", "ratio"), ("median_ms", "ms"), ("reference_median_ms", "ref ms")),
-}
 
 
 def _verify_number(value: object) -> str:
@@ -344,11 +337,7 @@ def verify_report(report: Report) -> Group:
         table.add_column(col, justify="right" if col == "s" else "left", overflow="fold")
     for s in report.stages:
         label, style = _VERIFY_STATUS[s.status]
-        shown = [
-            f"{name} {_verify_number(s.numbers[key])}"
-            for key, name in _VERIFY_NUMBERS.get(s.name, ())
-            if s.numbers.get(key) is not None
-        ]
+        shown = [f"{label} {_verify_number(value)}" for label, value in s.headline() if value is not None]
         table.add_row(
             s.name,
             Text(label, style=style),

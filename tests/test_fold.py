@@ -13,10 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmsurgery import pathway
-from mmsurgery.checkpoint import open_checkpoint, write_safetensors
+from mmsurgery.checkpoint import Checkpoint, open_checkpoint, write_safetensors
 from mmsurgery.checkpoint.writer import SafetensorsWriter
-from mmsurgery.fold import fold_file
+from mmsurgery.errors import BadInputError, FoldError
+from mmsurgery.fold import fold_file, plain_tensors
 from mmsurgery.models.vit import VisionTransformer, ViTConfig, vit_from_checkpoint
+from mmsurgery.paired_format import open_paired, paired_view
 from mmsurgery.pairing import pair
 
 CFG = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)
@@ -189,3 +191,47 @@ def test_inspect_shows_scales_and_plots(trained, tmp_path, cli) -> None:
     assert r.code == 0 and "λ per layer" in r.out and "█" in r.out
     assert (tmp_path / "lam.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(cli("inspect", tmp_path / "target.safetensors", "--json").out)["pathway"] is None
+
+
+def test_open_paired_gives_pathways_scales_and_plain_keys(trained, tmp_path) -> None:
+    sd = load_file(trained)
+    target = list(load_file(tmp_path / "target.safetensors"))
+    with open_paired(trained) as paired:
+        assert not paired.is_plain and paired.num_aux == 1 and paired.format == "paired/1"
+        assert paired.path == trained and paired.metadata["mmsurgery.format"] == "paired/1"
+        layers = [k.removesuffix(".aux_weight") for k in sd if k.endswith(".aux_weight")]
+        assert list(paired.pathways) == layers and len(layers) == 12
+        assert paired.scales == {p: pytest.approx(float(sd[f"{p}.cross_modal_scale"])) for p in layers}
+        assert paired.plain_keys == target  # file order, every target tensor, no λ or W_aux
+        assert set(paired.pathway_keys) == set(sd) - set(target)
+        assert paired.nonfinite_layers == []
+        assert json.loads(paired.plan_json(0))["paired"] == 12 and paired.plan_json(1) is None
+        source = plain_tensors(paired)  # the fold takes the opened file as it is
+        assert source.layers == layers and [s.name for s in source.specs] == target
+        assert [s.name for s in plain_tensors(paired.ck).specs] == target  # and a plain Checkpoint still
+    with pytest.raises(ValueError, match="read after the checkpoint was closed"):
+        paired.ck.get(target[0])  # leaving the block closed the checkpoint
+    with open_paired(tmp_path / "target.safetensors") as plain:
+        assert plain.is_plain and plain.num_aux == 0 and plain.scales == {} and plain.format is None
+        assert plain.plain_keys == target and plain.pathway_keys == [] and plain.plan_json() is None
+
+
+def test_open_paired_refuses_a_newer_version_and_a_broken_file_in_one_line(trained, tmp_path, monkeypatch) -> None:
+    closed = []
+    real_close = Checkpoint.close
+    monkeypatch.setattr(Checkpoint, "close", lambda self: closed.append(self.path) or real_close(self))
+    sd = load_file(trained)
+    with safe_open(trained, "pt") as f:
+        meta = f.metadata()
+    save_file(sd, tmp_path / "future.safetensors", metadata={**meta, "mmsurgery.format": "paired/9"})
+    with pytest.raises(BadInputError, match=r"paired/9.*upgrade mmsurgery") as e:
+        open_paired(tmp_path / "future.safetensors")
+    assert "\n" not in str(e.value)
+    del sd["blocks.1.mlp.fc1.cross_modal_scale"]
+    save_file(sd, tmp_path / "half.safetensors", metadata=meta)
+    with pytest.raises(FoldError, match=r"blocks\.1\.mlp\.fc1: aux_weight without cross_modal_scale") as e:
+        open_paired(tmp_path / "half.safetensors")
+    assert "\n" not in str(e.value)
+    assert closed == [tmp_path / "future.safetensors", tmp_path / "half.safetensors"]  # a refused file is closed
+    with open_checkpoint(tmp_path / "half.safetensors") as ck, pytest.raises(FoldError, match="not a consistent"):
+        paired_view(ck)  # the same checks over a checkpoint the caller opened

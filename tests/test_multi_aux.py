@@ -26,13 +26,14 @@ from mmsurgery.paired_format import (
     block_view,
     check_format,
     find_pathways,
+    open_paired,
     parse_key,
     plan_key,
     scale_entry,
     scale_problem,
     scale_shape,
 )
-from tests.pathway_fixtures import batch, tiny_vit, train_steps
+from tests.pathway_fixtures import batch, state_equal, tiny_vit, train_steps
 
 MMSURGERY = [sys.executable, "-m", "mmsurgery"]
 
@@ -230,6 +231,25 @@ def test_attach_train_and_fold_k2_file_is_bit_identical_to_memory(two_aux, tmp_p
     assert not torch.equal(memory["blocks.0.attn.qkv.weight"], untouched["blocks.0.attn.qkv.weight"])
     with torch.no_grad():
         assert torch.equal(model(x), unfolded_out)  # float32: the folded forward is the training forward
+
+
+def test_attach_from_an_opened_k2_file_equals_attach_from_its_state_dict(two_aux) -> None:
+    with open_paired(two_aux) as paired:
+        assert paired.num_aux == 2 and paired.format == "paired/2"
+        assert {spec.num_aux for spec in paired.pathways.values()} == {2}
+        assert paired.scales["blocks.0.attn.qkv"] == [0.0, 0.0]
+        assert json.loads(paired.plan_json(1))["aux_index"] == 1 and paired.plan_json(2) is None
+        from_file = pathway.attach(tiny_vit(0), paired, init_scale=[0.25, -0.5], aux_trainable=[True, False])
+    from_dict = pathway.attach(
+        tiny_vit(0), load_file(str(two_aux)), init_scale=[0.25, -0.5], aux_trainable=[True, False]
+    )
+    assert state_equal(from_file.state_dict(), from_dict.state_dict())
+    pw = pathway.pathway_modules(from_file)["blocks.0.attn.qkv"]
+    assert pw.aux_weight.requires_grad and not pw.aux_weight_1.requires_grad
+    x, _ = batch()
+    with torch.no_grad():
+        out = from_file(x)
+        assert torch.equal(out, from_dict(x)) and not torch.equal(out, tiny_vit(0)(x))
 
 
 def test_attach_refuses_a_file_whose_layers_disagree_on_the_number_of_auxiliaries(two_aux) -> None:

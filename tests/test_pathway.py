@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mmsurgery.checkpoint import Checkpoint
 from mmsurgery.errors import AttachError, BadInputError, FoldError
+from mmsurgery.paired_format import open_paired
 from mmsurgery.pathway import (
     attach,
     fold,
@@ -196,6 +198,75 @@ def test_attach_from_file(tmp_path) -> None:
         attach(plain, tmp_path / "missing.safetensors")
     torch.save({"model": {f"module.{k}": v for k, v in make_paired_state(plain).items()}}, tmp_path / "ddp.pt")
     assert len(pathway_modules(attach(copy.deepcopy(plain), tmp_path / "ddp.pt"))) == 8  # as training saves it
+
+
+def test_attach_from_a_paired_checkpoint_equals_attach_from_the_state_dict(tmp_path) -> None:
+    plain = tiny_vit()
+    state = make_paired_state(plain)
+    path = tmp_path / "paired.safetensors"
+    save_file(state, str(path))
+    from_dict = attach(copy.deepcopy(plain), state, init_scale=0.5)
+    with open_paired(path) as paired:
+        from_file = attach(copy.deepcopy(plain), paired, init_scale=0.5)
+    assert state_equal(from_file.state_dict(), from_dict.state_dict())  # bit for bit, same key order
+    x, _ = batch()
+    with torch.no_grad():
+        out = from_file(x)
+        assert torch.equal(out, from_dict(x))
+        assert not torch.equal(out, plain(x))  # λ = 0.5: the pathway is live, so the equality above is not vacuous
+
+
+def test_attach_from_a_path_reads_each_aux_once_and_never_the_whole_file(tmp_path, monkeypatch) -> None:
+    plain = tiny_vit()
+    state = make_paired_state(plain)
+    path = tmp_path / "paired.safetensors"
+    save_file(state, str(path))
+    expected = attach(copy.deepcopy(plain), state).state_dict()
+
+    def whole(self: Checkpoint) -> None:
+        raise AssertionError("attach loaded the whole paired file")
+
+    reads: list[str] = []
+    real_get, real_read_into = Checkpoint.get, Checkpoint.read_into
+    monkeypatch.setattr(Checkpoint, "to_state_dict", whole)
+    monkeypatch.setattr(Checkpoint, "items", whole)
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name: reads.append(name) or real_get(self, name))
+    buffers: dict[str, int] = {}
+
+    def read_into(self: Checkpoint, name: str, buf: torch.Tensor) -> torch.Tensor:
+        reads.append(name)
+        buffers[name] = buf.data_ptr()
+        return real_read_into(self, name, buf)
+
+    monkeypatch.setattr(Checkpoint, "read_into", read_into)
+    model = attach(copy.deepcopy(plain), path)
+    assert sorted(reads) == sorted(k for k in state if k.endswith(".aux_weight"))  # each W_aux once; no W
+    assert state_equal(model.state_dict(), expected)
+    # read straight into the buffer that becomes the parameter: one copy of W_aux in memory, not two
+    params = model.state_dict(keep_vars=True)
+    assert all(params[k].data_ptr() == ptr for k, ptr in buffers.items())
+
+
+def test_failed_attach_from_a_file_leaves_model_untouched(tmp_path) -> None:
+    plain = tiny_vit()
+    model = copy.deepcopy(plain)
+
+    def _foreign_module(paired: dict) -> dict:  # a consistent pathway of a module the model lacks
+        return {**_missing_module(paired), "blocks.7.attn.qkv.weight": torch.zeros(96, 32)}
+
+    for damage, message in [
+        (_non_finite, r"'blocks\.0\.attn\.proj': aux_weight has non-finite values"),
+        (_foreign_module, r"'blocks\.7\.attn\.qkv': no such module"),
+        (_lonely_scale, r"not a consistent paired checkpoint: norm: no aux_weight"),  # open_paired's checks
+        (_missing_module, r"not a consistent paired checkpoint: blocks\.7\.attn\.qkv: no weight"),
+        (_wrong_shape, r"not a consistent paired checkpoint: blocks\.1\.mlp\.fc1: aux_weight \[3, 3\] != weight"),
+    ]:
+        path = tmp_path / f"{damage.__name__}.safetensors"
+        save_file(damage(make_paired_state(plain)), str(path))
+        with pytest.raises(AttachError, match=message):
+            attach(model, path)
+        assert state_equal(model.state_dict(), plain.state_dict())
+        assert not any(parametrize.is_parametrized(m) for m in model.modules())
 
 
 class _DirectWeightAttention(nn.Module):
