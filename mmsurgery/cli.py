@@ -290,6 +290,30 @@ def verify(
             "folds made by other tools, which may round differently.",
         ),
     ] = 0,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            help="Run only these stages, comma-separated (weights,keys,fold,onnx,cost,latency); the rest are "
+            "reported as skipped.",
+        ),
+    ] = None,
+    export_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-cache",
+            help="Folder of ONNX exports keyed by what shapes the graph: a repeated gate of the same architecture "
+            "binds PLAIN's weights to a cached graph instead of exporting again.",
+        ),
+    ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-limit",
+            help="Memory the gate may use (e.g. 8G), instead of what the machine reports as available; a gate "
+            "estimated above it is refused before it starts.",
+        ),
+    ] = None,
 ) -> None:
     """Gate a folded checkpoint: weights and fold (vs --against), keys, ONNX Runtime (--onnx), cost and latency
     vs a plain reference. Exit 0: every stage passed or was skipped; 1: a check failed; 2: bad input or usage."""
@@ -312,6 +336,9 @@ def verify(
         heads=heads,
         opset=opset,
         weights_ulps=weights_ulps,
+        stages=stages,
+        export_cache=export_cache,
+        memory_limit=memory_limit,
     )
     from mmsurgery import render
 

@@ -301,7 +301,8 @@ def test_factory_graphs_are_both_exported_and_kept_atomically(tmp_path) -> None:
     assert "PLAIN's own export" not in cost.numbers["reference"]  # a factory's code is not ours: two exports
     assert cost.numbers["node_count"] == cost.numbers["reference_node_count"] > 0
     assert "same_graph" not in report.stage("latency").numbers
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.safetensors"]
+    # the weights beside the graph (external data), nothing else left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx.data", "mlp.safetensors"]
 
 
 @pytest.mark.slow
@@ -337,11 +338,23 @@ def test_comparison_reports_where_and_the_tolerance_that_would_pass() -> None:
 
 def test_report_json_and_junit(tmp_path) -> None:
     stages = (
-        StageResult("keys", "pass", 0.1, "ok", {"n": 3}),
-        StageResult("fold", "fail", 0.2, "max abs 0.1 at [0, 1]", {"max_abs": 0.1, "max_rel": float("inf")}),
-        StageResult("onnx", "skip", 0.0, "no --onnx given"),
+        StageResult(name="keys", status="pass", seconds=0.1, message="ok", numbers={"n": 3}),
+        StageResult(
+            name="fold",
+            status="fail",
+            seconds=0.2,
+            message="max abs 0.1 at [0, 1]",
+            numbers={"max_abs": 0.1, "max_rel": float("inf")},
+        ),
+        StageResult(name="onnx", status="skip", message="no --onnx given"),
     )
-    report = Report(stages, {"plain": "p.safetensors"}, {"dtype": "float32"}, {"torch": "x"}, 0.3)
+    report = Report(
+        stages=stages,
+        inputs={"plain": "p.safetensors"},
+        tolerances={"dtype": "float32"},
+        versions={"torch": "x"},
+        seconds=0.3,
+    )
     assert not report.passed and report.failed == ["fold"]
     data = json.loads(report.write_json(tmp_path / "r.json").read_text())  # strict JSON: inf became a string
     assert data["passed"] is False and data["stages"][1]["numbers"]["max_rel"] == "inf"
@@ -365,12 +378,18 @@ def test_latency_fails_only_above_the_given_ratio() -> None:
     assert failed.status == "fail" and "1.5" in failed.message and "1.2" in failed.message
 
 
-def test_builtin_vit_has_no_buffers_so_verify_may_build_it_uninitialised() -> None:
-    """verify builds the built-in ViT on the meta device and loads every tensor strictly (arch._uninitialized):
-    sound only while the model has no state outside its state dict."""
+def test_builtin_vit_has_no_buffers_so_verify_may_build_it_on_meta() -> None:
+    """verify builds the built-in ViT on the meta device and assigns every tensor strictly (arch._on_meta): sound
+    only while the model has no state outside its state dict. The model then holds the checkpoint's own tensors
+    (one copy of the weights, not two)."""
     assert list(VisionTransformer(CFG).buffers()) == []
-    model = load_arch("vit", 2).build(VisionTransformer(CFG).state_dict(), {})
+    arch = load_arch("vit", 2)
+    state = VisionTransformer(CFG).state_dict()
+    model = arch.build(state, {})
+    assert all(p.device.type == "meta" for p in model.parameters())
+    arch.load(model, state, assign=True)
     assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(t.data_ptr() == state[k].data_ptr() for k, t in model.state_dict().items())
     assert set(model.state_dict()) == set(VisionTransformer(CFG).state_dict())
 
 

@@ -34,19 +34,27 @@ class Arch:
 
     name: str
     reference_note: str
+    meta_flops: bool = False  # FLOPs are a function of shapes alone: the cost stage counts them on meta models
 
     def build(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
-        """The architecture of `state` (weights not loaded; the caller loads them strictly)."""
+        """The architecture of `state` (weights not loaded; the caller loads them strictly, with `assign=True`, so
+        its own parameters may be left unallocated)."""
         raise NotImplementedError
+
+    def skeleton(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        """The architecture of `state` for its shapes, configuration and example inputs only (`state` may hold
+        meta tensors: names, shapes and dtypes without data). By default `build`."""
+        return self.build(state, metadata)
 
     def reference(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
         """A plain model of the same configuration (the caller loads PLAIN's weights): what it must cost."""
         raise NotImplementedError
 
-    def load(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    def load(self, model: nn.Module, state: Mapping[str, Tensor], *, assign: bool = False) -> None:
         """Load a checkpoint's `state` into `model` strictly (`RuntimeError` if it does not fit), its names converted
-        by `mmsurgery.hf.to_model_names` (on-disk Hugging Face names; the identity for other models)."""
-        model.load_state_dict(to_model_names(model, state), strict=True)
+        by `mmsurgery.hf.to_model_names` (on-disk Hugging Face names; the identity for other models). `assign`:
+        the model takes `state`'s tensors as its parameters instead of copying them (one copy of the weights)."""
+        model.load_state_dict(to_model_names(model, state), strict=True, assign=assign)
 
     def state_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
         """The keys (model names) and shapes a checkpoint of `model` holds: what the keys stage expects."""
@@ -83,6 +91,7 @@ class VitArch(Arch):
     """The built-in timm-named ViT (`mmsurgery.models.vit`): config from shapes, `--heads` and `mmsurgery.vit`."""
 
     name = "vit"
+    meta_flops = True
     reference_note = "ViTConfig inferred from PLAIN's shapes with exact GELU (gelu_approximate='none'), PLAIN's weights"
 
     def __init__(self, num_heads: int | None = None) -> None:
@@ -92,10 +101,10 @@ class VitArch(Arch):
         return config_from_state_dict(state, num_heads=self.num_heads, metadata=metadata)
 
     def build(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
-        return _uninitialized(self.config(state, metadata))
+        return _on_meta(self.config(state, metadata))
 
     def reference(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
-        return _uninitialized(dataclasses.replace(self.config(state, metadata), gelu_approximate="none"))
+        return _on_meta(dataclasses.replace(self.config(state, metadata), gelu_approximate="none"))
 
     def example_input(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> Tensor | None:
         cfg: ViTConfig = model.config  # type: ignore[assignment]
@@ -115,13 +124,13 @@ class VitArch(Arch):
         )
 
 
-def _uninitialized(config: ViTConfig) -> VisionTransformer:
-    """A `VisionTransformer` with allocated, uninitialised parameters: verify always loads a checkpoint into it
-    strictly, so the random init (~1 s per ViT-S, four models per run) would be thrown away. The built-in ViT has
-    no buffers, so no state outside its state dict is left uninitialised."""
+def _on_meta(config: ViTConfig) -> VisionTransformer:
+    """A `VisionTransformer` whose parameters are meta tensors (no memory): verify always loads a checkpoint into
+    it strictly with `assign=True`, which replaces every parameter, so a random init (~1 s per ViT-S) or even an
+    allocation would be thrown away. The built-in ViT has no buffers, so nothing outside its state dict is left
+    without data."""
     with torch.device("meta"):
-        model = VisionTransformer(config)
-    return model.to_empty(device="cpu")
+        return VisionTransformer(config)
 
 
 class FactoryArch(Arch):

@@ -11,7 +11,7 @@ smallest rtol for the given atol.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +22,12 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "Comparison",
     "Tolerance",
+    "compare_batches",
     "compare_outputs",
     "flatten_outputs",
     "summarize",
     "tolerances_for",
+    "verdict",
 ]
 
 
@@ -221,3 +223,34 @@ def summarize(comparisons: Sequence[Comparison]) -> tuple[bool, dict[str, Any], 
 
 def _num(x: float) -> float:
     return math.inf if math.isnan(x) else x
+
+
+def compare_batches(
+    actual: Mapping[int, Sequence[Tensor]], expected: Mapping[int, Sequence[Tensor]], tol: Tolerance
+) -> list[Comparison]:
+    """Every output at every batch size of `expected` against `actual`."""
+    return [
+        c for b in expected for c in compare_outputs(actual[b], expected[b], atol=tol.atol, rtol=tol.rtol, batch_size=b)
+    ]
+
+
+def verdict(comparisons: Sequence[Comparison], tol: Tolerance) -> tuple[bool, dict[str, Any], str]:
+    """(passed, the numbers of `summarize` with the tolerance, one line): on a pass the line states the whole
+    rule and which part of it admitted the elements; on a failure it describes the worst comparison."""
+    ok, numbers, worst = summarize(comparisons)
+    numbers["atol"], numbers["rtol"] = tol.atol, tol.rtol
+    assert worst is not None
+    admitted = sum(c.rtol_admitted for c in comparisons)
+    numbers["rtol_admitted"] = admitted
+    batches = ", ".join(str(b) for b in dict.fromkeys(c.batch_size for c in comparisons))
+    if not ok:
+        return ok, numbers, worst.describe()
+    exact = " (bit-exact)" if numbers["max_abs"] == 0 else ""
+    rule = f"|actual - expected| <= atol {tol.atol:g} + rtol {tol.rtol:g}·|expected|"
+    if admitted:
+        part = (
+            f"{admitted} element(s) above atol passed only through rtol·|expected| (max rel {numbers['max_rel']:.3g})"
+        )
+    else:
+        part = "every element within atol alone"
+    return ok, numbers, f"max abs {numbers['max_abs']:.3g}{exact} at batch {batches}; {rule}: {part}"

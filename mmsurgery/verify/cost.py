@@ -9,17 +9,80 @@ elementwise `Mul`/`Add`, or a tanh GELU where the reference has the exact one.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmsurgery.verify import onnx_stage
+from mmsurgery.verify.inputs import first_rows
 from mmsurgery.verify.onnx_stage import GraphSummary
 from mmsurgery.verify.report import StageResult
 
-__all__ = ["cost_result", "count_flops", "count_params", "graph_differences"]
+if TYPE_CHECKING:
+    from mmsurgery.verify.context import RunContext
+
+__all__ = ["CostResult", "cost_result", "count_flops", "count_params", "graph_differences", "run"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostResult(StageResult):
+    name: str = "cost"
+    params: int
+    flops: int
+    node_count: int | None = None
+
+    def headline(self) -> list[tuple[str, object]]:
+        shown = [("params", self.params), ("FLOPs", self.flops)]
+        return shown + ([("nodes", self.node_count)] if self.node_count is not None else [])
+
+
+def run(ctx: RunContext) -> CostResult:
+    """PLAIN against a plain reference of the same configuration: parameters, FLOPs, configuration, and the ONNX
+    graph's structure when the onnx stage made or took one. The reference holds PLAIN's own tensors (assigned,
+    not copied): exporters drop or fold constant initialisers (all-ones LayerNorm weights, zero biases of a fresh
+    model), so fresh weights would make two equal structures look different."""
+    arch, plain = ctx.arch, ctx.plain_model()
+    reference = arch.reference(ctx.skeleton_state(), ctx.plain_ck.metadata).eval()
+    x1 = ctx.inputs[1] if 1 in ctx.inputs else first_rows(ctx.inputs[max(ctx.options.batch_sizes)], 1)
+    flops = None
+    if arch.meta_flops:  # FLOPs depend on shapes alone here: counted on the weightless models, without compute
+        x_meta = tuple(t.to("meta") for t in x1)
+        flops = (count_flops(arch.runnable(ctx.skeleton()), x_meta), count_flops(arch.runnable(reference), x_meta))
+    problem = ctx.assign(reference, plain.state_dict())
+    if problem:
+        return CostResult(
+            status="fail", message=f"PLAIN's tensors do not fit the plain reference: {problem}", params=0, flops=0
+        )
+    reference = reference.float()
+    if flops is None:
+        flops = (count_flops(arch.runnable(plain), x1), count_flops(arch.runnable(reference), x1))
+    graphs = None
+    note = arch.reference_note
+    graph_skip = ctx.graph_skip if ctx.options.onnx is not None else "no --onnx given"
+    if ctx.graph is not None:
+        summary = onnx_stage.summarize_graph(ctx.graph.path)
+        if ctx.graph.exported and arch.same_graph(plain, reference):
+            # Exporting the reference would trace the same code with the same config and weights again (~half
+            # of a gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
+            ctx.reference_graph = ctx.graph.path
+            note += "; reference graph: PLAIN's own export (same model class and configuration)"
+            graphs = (summary, summary)
+        else:
+            path = ctx.tmp / "reference.onnx"
+            ctx.reference_graph, _ = ctx.export(arch.runnable(reference), path, arch.describe(reference))
+            graphs = (summary, onnx_stage.summarize_graph(ctx.reference_graph))
+    return cost_result(
+        params=(count_params(plain), count_params(reference)),
+        flops=flops,
+        graphs=graphs,
+        graph_skip=graph_skip,
+        reference_note=note,
+        configs=(arch.describe(plain), arch.describe(reference)),
+    )
 
 
 def count_params(model: nn.Module) -> int:
@@ -85,7 +148,7 @@ def cost_result(
     graph_skip: str | None,
     reference_note: str,
     configs: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {}),
-) -> StageResult:
+) -> CostResult:
     """Compare PLAIN (first of each pair) with the reference (second); any difference fails and is listed.
 
     `configs` are the architecture's own description of both models (the built-in ViT's `ViTConfig`), compared
@@ -123,17 +186,15 @@ def cost_result(
     else:
         numbers["graph_skipped"] = graph_skip
     numbers["differences"] = diffs
+    headline = {"params": p_plain, "flops": f_plain, "node_count": numbers.get("node_count")}
     if diffs:
-        return StageResult("cost", "fail", 0.0, "differs from the plain reference: " + "; ".join(diffs), numbers)
+        return CostResult(
+            status="fail", message="differs from the plain reference: " + "; ".join(diffs), numbers=numbers, **headline
+        )
     graph = (
         f", ONNX graph identical in structure ({graphs[0].node_count} nodes, opset {graphs[0].opset.get('', '?')})"
         if graphs is not None
         else f"; graph not compared ({graph_skip})"
     )
-    return StageResult(
-        "cost",
-        "pass",
-        0.0,
-        f"same as the plain reference: {p_plain:,} params, {f_plain:,} FLOPs at batch 1{graph}",
-        numbers,
-    )
+    message = f"same as the plain reference: {p_plain:,} params, {f_plain:,} FLOPs at batch 1{graph}"
+    return CostResult(status="pass", message=message, numbers=numbers, **headline)

@@ -128,7 +128,20 @@ class HfArch(Arch):
         """Keys `save_pretrained` leaves out because they are tied to another (GPT-2's `lm_head.weight`)."""
         return set(getattr(model, "all_tied_weights_keys", None) or {})
 
-    def load(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    def skeleton(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> nn.Module:
+        """On the meta device: shapes and config only (the garbage buffers `to_empty` would leave do not matter
+        to a model that is never run)."""
+        from transformers.initialization import no_init_weights
+
+        try:
+            with torch.device("meta"), no_init_weights():
+                model = self.model_class(copy.deepcopy(self.config))
+            model.tie_weights()
+            return model
+        except Exception:  # a model that cannot be built on meta: build it for real (or say why not)
+            return self._new()
+
+    def load(self, model: nn.Module, state: Mapping[str, Tensor], *, assign: bool = False) -> None:
         """Strict, except that a tied key may be absent (it shares its source's tensor, which must be there)."""
         named = to_model_names(model, state)
         tied = self._tied(model)
@@ -139,7 +152,9 @@ class HfArch(Arch):
             parts = [f"Missing key(s): {', '.join(missing[:5])}"] if missing else []
             parts += [f"Unexpected key(s): {', '.join(unexpected[:5])}"] if unexpected else []
             raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: {'; '.join(parts)}")
-        model.load_state_dict(named, strict=False)  # every key checked above; shape mismatches still raise
+        model.load_state_dict(named, strict=False, assign=assign)  # every key checked above; shapes still raise
+        if assign and tied:
+            model.tie_weights()  # assigning replaced the parameter a tied key shares
 
     def state_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
         tied = self._tied(model)

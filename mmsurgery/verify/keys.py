@@ -6,12 +6,16 @@ Pure functions over name → shape mappings, so the stage reads headers only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from mmsurgery.paired_format import is_pathway_key
 from mmsurgery.verify.report import StageResult
 
-__all__ = ["check_keys", "is_pathway_key"]
+if TYPE_CHECKING:
+    from mmsurgery.verify.context import RunContext
+
+__all__ = ["KeysResult", "check_keys", "is_pathway_key", "run"]
 
 Shapes = Mapping[str, Sequence[int]]
 _LISTED = 20
@@ -37,7 +41,24 @@ def _names(items: Sequence[str]) -> str:
     return ", ".join(items[:3]) + more
 
 
-def check_keys(plain: Shapes, model: Shapes, paired: Shapes | None = None) -> StageResult:
+@dataclass(frozen=True, kw_only=True)
+class KeysResult(StageResult):
+    name: str = "keys"
+    plain_keys: int
+    leftover_pathway: int
+
+    def headline(self) -> list[tuple[str, object]]:
+        return [("keys", self.plain_keys), ("leftover pathway", self.leftover_pathway)]
+
+
+def run(ctx: RunContext) -> KeysResult:
+    """The stage as the gate runs it: PLAIN's headers against the architecture's skeleton and PAIRED's headers."""
+    plain = {k: i.shape for k, i in ctx.plain_ck.infos.items()}
+    paired = {k: i.shape for k, i in ctx.paired.ck.infos.items()} if ctx.paired is not None else None
+    return check_keys(plain, ctx.model_shapes(), paired)
+
+
+def check_keys(plain: Shapes, model: Shapes, paired: Shapes | None = None) -> KeysResult:
     """Compare PLAIN's key → shape map with the model's (what `--arch` builds) and, when given, with the paired
     checkpoint's minus its pathway keys. Lists are clipped to 20 entries; counts are exact."""
     leftover = [k for k in plain if is_pathway_key(k)]
@@ -73,9 +94,9 @@ def check_keys(plain: Shapes, model: Shapes, paired: Shapes | None = None) -> St
             what = [f"{len(v)} {k.replace('_', ' ')}" for k, v in vs_paired.items() if v]
             first = (vs_paired["missing"] or vs_paired["unexpected"] or [vs_paired["shape_mismatch"][0]["key"]])[0]
             problems.append(f"differs from PAIRED without its pathway keys: {', '.join(what)} (e.g. {first})")
+    counts = {"plain_keys": len(plain), "leftover_pathway": len(leftover), "numbers": numbers}
     if problems:
-        return StageResult("keys", "fail", 0.0, "; ".join(problems), numbers)
+        return KeysResult(status="fail", message="; ".join(problems), **counts)
     against = f" and PAIRED's {numbers['paired_plain_keys']} plain keys" if paired is not None else ""
-    return StageResult(
-        "keys", "pass", 0.0, f"{len(plain)} keys and shapes match the model{against}; no pathway tensors", numbers
-    )
+    message = f"{len(plain)} keys and shapes match the model{against}; no pathway tensors"
+    return KeysResult(status="pass", message=message, **counts)

@@ -9,11 +9,43 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from mmsurgery.verify.report import StageResult
 
-__all__ = ["latency_result", "measure", "measure_alone"]
+if TYPE_CHECKING:
+    from mmsurgery.verify.context import RunContext
+
+__all__ = ["LatencyResult", "latency_result", "measure", "measure_alone", "run"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatencyResult(StageResult):
+    name: str = "latency"
+    ratio: float
+    median_ms: float
+    reference_median_ms: float
+
+    def headline(self) -> list[tuple[str, object]]:
+        return [("ratio", self.ratio), ("ms", self.median_ms), ("ref ms", self.reference_median_ms)]
+
+
+def run(ctx: RunContext) -> LatencyResult:
+    """PLAIN's ORT session (the onnx stage's) against the reference graph's, at the first batch size."""
+    from mmsurgery.verify.onnx_stage import OrtRunner
+
+    plain, graph, o = ctx.session, ctx.reference_graph, ctx.options
+    assert plain is not None and graph is not None
+    b = o.batch_sizes[0]
+    x = ctx.inputs[b]
+    if ctx.graph is not None and graph == ctx.graph.path:  # the ratio is 1 by construction: a few rounds suffice
+        numbers = measure_alone(lambda: plain(x), warmup=min(o.latency_warmup, 1), runs=min(o.latency_runs, 5))
+    else:
+        reference = OrtRunner(graph)
+        numbers = measure(lambda: plain(x), lambda: reference(x), warmup=o.latency_warmup, runs=o.latency_runs)
+    numbers["batch_size"] = b
+    return latency_result(numbers, o.max_latency_ratio)
 
 
 def measure(
@@ -65,8 +97,9 @@ def measure_alone(plain: Callable[[], Any], *, warmup: int = 3, runs: int = 15) 
     }
 
 
-def latency_result(numbers: dict[str, Any], max_ratio: float | None) -> StageResult:
+def latency_result(numbers: dict[str, Any], max_ratio: float | None) -> LatencyResult:
     numbers = {**numbers, "max_ratio": max_ratio}
+    headline = {k: numbers[k] for k in ("ratio", "median_ms", "reference_median_ms")}
     ratio = numbers["ratio"]
     if not numbers.get("same_graph"):
         line = (
@@ -80,6 +113,7 @@ def latency_result(numbers: dict[str, Any], max_ratio: float | None) -> StageRes
             "by construction"
         )
     if max_ratio is not None and not ratio <= max_ratio:
-        return StageResult("latency", "fail", 0.0, f"{line} > --max-latency-ratio {max_ratio:g}", numbers)
+        message = f"{line} > --max-latency-ratio {max_ratio:g}"
+        return LatencyResult(status="fail", message=message, numbers=numbers, **headline)
     limit = f" <= {max_ratio:g}" if max_ratio is not None else " (no limit set: informational)"
-    return StageResult("latency", "pass", 0.0, line + limit, numbers)
+    return LatencyResult(status="pass", message=line + limit, numbers=numbers, **headline)

@@ -13,25 +13,33 @@ import io
 import logging
 import os
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
+from mmsurgery.verify.compare import compare_batches, summarize, verdict
+from mmsurgery.verify.report import StageResult, error_line
+
+if TYPE_CHECKING:
+    from mmsurgery.verify.context import Graph, RunContext
 
 __all__ = [
     "GraphSummary",
+    "OnnxResult",
     "OrtRunner",
     "check_model",
     "export",
     "preload",
     "probe_onnx_file",
+    "run",
     "summarize_graph",
     "versions",
 ]
@@ -110,9 +118,11 @@ def export(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> Path:
-    """`torch.onnx.export(dynamo=True)` with a dynamic batch dimension (1..1024) on every input, weights inside the
-    file (`external_data=False`, so under 2 GB), the given opset, and the exporter's chatter silenced. `example` is
-    one tensor or the forward's positional tensors; `input_names`/`output_names` name the graph's inputs/outputs."""
+    """`torch.onnx.export(dynamo=True)` with a dynamic batch dimension (1..1024) on every input, the weights in
+    `<path>.data` beside the graph (external data: the exporter streams them to disk instead of building a second
+    and third copy of the model in memory, and a graph over protobuf's 2 GB limit needs it anyway), the given
+    opset, and the exporter's chatter silenced. `example` is one tensor or the forward's positional tensors;
+    `input_names`/`output_names` name the graph's inputs/outputs."""
     args = (example,) if isinstance(example, Tensor) else tuple(example)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with _quiet_exporter(), torch.no_grad():
@@ -122,7 +132,7 @@ def export(
             os.fspath(path),
             dynamo=True,
             opset_version=opset,
-            external_data=False,
+            external_data=True,
             dynamic_shapes=_dynamic_batch(model, len(args), batch),
             input_names=list(input_names) if input_names else None,
             output_names=list(output_names) if output_names else None,
@@ -254,3 +264,80 @@ class OrtRunner:
             raise ValueError(f"the graph has {len(self.inputs)} inputs {self.inputs}; verify feeds {len(xs)}")
         feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.inputs, xs, strict=True)}
         return [torch.from_numpy(o) for o in self.session.run(None, feed)]
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class OnnxResult(StageResult):
+    name: str = "onnx"
+    max_abs: float | None = None
+    max_rel: float | None = None
+    export_seconds: float | None = None
+
+    def headline(self) -> list[tuple[str, object]]:
+        shown = (("max abs", self.max_abs), ("max rel", self.max_rel), ("export s", self.export_seconds))
+        return [(label, value) for label, value in shown if value is not None]
+
+
+def _graph(ctx: RunContext, numbers: dict[str, Any]) -> Graph:
+    """PLAIN's graph: the given file, or an export of PLAIN's model (through the export cache when one is given)."""
+    from mmsurgery.verify.context import Graph
+
+    onnx = ctx.options.onnx
+    if isinstance(onnx, Path) and onnx.exists():
+        return Graph(path=onnx, source="given", exported=False)
+    path = onnx if isinstance(onnx, Path) else ctx.tmp / "plain.onnx"
+    source = "exported" if isinstance(onnx, Path) else "exported (temporary)"
+    runnable = ctx.plain_call()
+    start = time.perf_counter()
+    _, cache = ctx.export(runnable, path, ctx.arch.describe(ctx.plain_model()))
+    seconds = time.perf_counter() - start
+    numbers["export_seconds"] = seconds
+    if cache is not None:
+        numbers["export_cache"] = cache
+    return Graph(path=path, source=source, exported=True, export_seconds=seconds, cache=cache)
+
+
+def run(ctx: RunContext) -> OnnxResult:
+    """PLAIN's graph in ONNX Runtime against the unfolded model's outputs (with `--against`) or PLAIN's own."""
+    numbers: dict[str, Any] = {"opset_requested": ctx.options.opset}
+    plain_outputs = ctx.plain_outputs()  # before the export: a first call settles what the forward returns
+    try:
+        graph = _graph(ctx, numbers)
+    except Exception as exc:
+        log.debug("ONNX export failed", exc_info=True)
+        ctx.graph_skip = "the export of PLAIN failed"
+        return OnnxResult(status="fail", message=f"torch.onnx.export failed: {error_line(exc)}", numbers=numbers)
+    numbers |= {"path": str(graph.path), "source": graph.source}
+    try:
+        check_model(graph.path)
+    except Exception as exc:
+        ctx.graph_skip = "PLAIN's graph fails onnx.checker"
+        return OnnxResult(status="fail", message=f"onnx.checker: {error_line(exc)}", numbers=numbers)
+    ctx.graph = graph
+    try:
+        ctx.session = OrtRunner(graph.path)
+        numbers["ort"] = ctx.session.settings
+        ort_out = {b: ctx.session(x) for b, x in ctx.inputs.items()}
+    except Exception as exc:
+        return OnnxResult(status="fail", message=f"ONNX Runtime: {error_line(exc)}", numbers=numbers)
+    against = ctx.unfolded_outputs is not None  # without them there was no --against, or the fold stage failed
+    expected = ctx.unfolded_outputs if ctx.unfolded_outputs is not None else plain_outputs
+    numbers["compared"] = "ONNX Runtime vs " + ("PAIRED unfolded in PyTorch" if against else "PLAIN in PyTorch")
+    tol = ctx.tol["onnx"]
+    ok, found, line = verdict(compare_batches(ort_out, expected, tol), tol)
+    numbers |= found
+    if against:
+        _, vs_plain, _ = summarize(compare_batches(ort_out, plain_outputs, tol))
+        numbers["vs_plain_pytorch_max_abs"] = vs_plain.get("max_abs")
+        line += f" (ORT vs PLAIN in PyTorch: max abs {vs_plain.get('max_abs', 0.0):.3g})"
+    what = "ORT vs unfolded PyTorch" if against else "ORT vs PyTorch"
+    cached = " (bound from the export cache)" if graph.cache == "hit" else ""
+    return OnnxResult(
+        status="pass" if ok else "fail",
+        message=f"{what}: {line}; graph {graph.source}{cached}",
+        numbers=numbers,
+        max_abs=numbers["max_abs"],
+        max_rel=numbers["max_rel"],
+        export_seconds=graph.export_seconds,
+    )

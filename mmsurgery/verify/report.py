@@ -26,6 +26,7 @@ __all__ = [
     "Status",
     "check_output_path",
     "error_line",
+    "skipped",
 ]
 
 SCHEMA = "mmsurgery.verify/1"
@@ -44,16 +45,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StageResult:
     """One stage: `status` is pass, fail or skip; `message` says why in one or a few lines; `numbers` holds the
-    measured values (JSON-ready: numbers, strings, lists and dicts of them)."""
+    measured values (JSON-ready: numbers, strings, lists and dicts of them), written as documented in
+    docs/verify.md. Each stage returns its own subclass (`WeightsResult`, `FoldResult`...), whose typed fields
+    carry what a reader sees first (`headline`); a skipped or crashed stage is a bare `StageResult`."""
 
     name: str
     status: Status
-    seconds: float
+    seconds: float = 0.0
     message: str
     numbers: Mapping[str, Any] = field(default_factory=dict)
+
+    def headline(self) -> list[tuple[str, object]]:
+        """(label, value) pairs a table shows beside the status: the stage's key numbers. None of them for a
+        skip or a stage that did not get far enough to measure."""
+        return []
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,7 +73,7 @@ class StageResult:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Report:
     """Everything `verify` found. `passed` is true when no stage failed (skips are allowed)."""
 
@@ -134,6 +142,11 @@ class Report:
 
     def write_junit(self, path: str | os.PathLike[str]) -> Path:
         return write_text_atomic(path, self.to_junit())
+
+
+def skipped(name: str, why: str) -> StageResult:
+    """A stage that did not run, and why."""
+    return StageResult(name=name, status="skip", message=why)
 
 
 def error_line(exc: BaseException) -> str:

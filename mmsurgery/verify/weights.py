@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -24,10 +24,13 @@ from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.fold import DTYPES, PlainTensors, plain_tensors
-from mmsurgery.paired_format import SOURCE_KEY
+from mmsurgery.paired_format import SOURCE_KEY, PairedCheckpoint, paired_view
 from mmsurgery.verify.report import StageResult
 
-__all__ = ["TensorDiff", "check_weights", "compare_bits"]
+if TYPE_CHECKING:
+    from mmsurgery.verify.context import RunContext
+
+__all__ = ["TensorDiff", "WeightsResult", "check_weights", "compare_bits", "run"]
 
 _LISTED = 20
 _CHUNK = 1 << 22  # elements per step of the integer work on a differing tensor (32 MB of int64 per temporary)
@@ -137,16 +140,17 @@ def compare_bits(name: str, actual: Tensor, expected: Tensor, max_ulps: int = 0)
     return TensorDiff(name, shape, dtype, total, differing, over, index, worst_flat, a_val, e_val, ulps)
 
 
-def _fold_dtype(plain: Checkpoint, source: PlainTensors) -> str:
+def _fold_dtype(plain: Checkpoint, paired: PairedCheckpoint) -> str:
     """The `fold --dtype` that explains most of PLAIN's floating dtypes: `keep`, or the one float dtype of PLAIN.
-    Tensors it does not explain are reported as dtype mismatches."""
+    Tensors it does not explain are reported as dtype mismatches. From headers alone: the fold keeps every plain
+    key of PAIRED, in PAIRED's dtype unless cast."""
     keep = 0
     seen: Counter[str] = Counter()
-    for spec in source.specs:
-        info = plain.infos.get(spec.name)
-        if info is None or spec.dtype not in FLOATING:
+    for name in paired.plain_keys:
+        info, want = plain.infos.get(name), paired.ck.infos[name]
+        if info is None or want.dtype not in FLOATING:
             continue
-        keep += info.dtype == spec.dtype
+        keep += info.dtype == want.dtype
         seen[info.dtype] += 1
     if not seen:
         return "keep"
@@ -191,19 +195,38 @@ def _names(items: list[str]) -> str:
     return ", ".join(items[:3]) + more
 
 
-def check_weights(plain: Checkpoint, paired: Checkpoint, max_ulps: int = 0) -> StageResult:
+@dataclass(frozen=True, kw_only=True)
+class WeightsResult(StageResult):
+    """The weights stage's result: how many tensors were proven, how many differ, under which rule."""
+
+    name: str = "weights"
+    rule: str
+    identical_tensors: int
+    differing_tensors: int
+
+    def headline(self) -> list[tuple[str, object]]:
+        return [("identical", self.identical_tensors), ("differ", self.differing_tensors), ("rule", self.rule)]
+
+
+def run(ctx: RunContext) -> WeightsResult:
+    """The stage as the gate runs it: PLAIN against the fold of PAIRED."""
+    assert ctx.paired is not None
+    return check_weights(ctx.plain_ck, ctx.paired, ctx.options.weights_ulps)
+
+
+def check_weights(plain: Checkpoint, paired: PairedCheckpoint | Checkpoint, max_ulps: int = 0) -> WeightsResult:
     """Compare PLAIN with the fold of PAIRED, tensor by tensor (see the module docstring). Raises `FoldError`
     (bad input) when PAIRED cannot be folded at all.
 
     A PLAIN that records its source (`fold --source-hash`: `mmsurgery.source_sha256`) must name this PAIRED: its
     sha256 is computed on a second thread while the tensors are compared, and a different digest fails the stage
     even when every tensor matches (PLAIN claims another origin than the file it is gated against)."""
+    if not isinstance(paired, PairedCheckpoint):
+        paired = paired_view(paired)
     recorded = plain.metadata.get(SOURCE_KEY)
-    hashing = HashJob(paired.files, opener=paired.open_pinned) if recorded else None
-    source = plain_tensors(paired, "keep")
-    dtype = _fold_dtype(plain, source)
-    if dtype != "keep":
-        source = plain_tensors(paired, dtype)
+    hashing = HashJob(paired.ck.files, opener=paired.ck.open_pinned) if recorded else None
+    dtype = _fold_dtype(plain, paired)
+    source = plain_tensors(paired, dtype)
     expected: dict[str, TensorInfo] = {s.name: s for s in source.specs}
     missing = [k for k in expected if k not in plain.infos]
     unexpected = [k for k in plain.infos if k not in expected]
@@ -271,15 +294,15 @@ def check_weights(plain: Checkpoint, paired: Checkpoint, max_ulps: int = 0) -> S
             f"{len(dtypes)} dtype mismatch(es), e.g. {dtypes[0]['key']} {dtypes[0]['dtype']} vs "
             f"{dtypes[0]['expected']} expected (fold --dtype {dtype})"
         )
+    counts = {"rule": rule, "identical_tensors": len(names) - len(diffs), "differing_tensors": len(diffs)}
     if problems:
-        return StageResult("weights", "fail", 0.0, "; ".join(problems), numbers)
+        return WeightsResult(status="fail", message="; ".join(problems), numbers=numbers, **counts)
     folded = f"{len(source.layers)} folded pathway weights" if source.layers else "no pathways: PAIRED is plain"
     provenance = "; PLAIN's source sha256 is PAIRED's" if digest is not None else ""
-    return StageResult(
-        "weights",
-        "pass",
-        0.0,
-        f"{len(names)} tensors ({nbytes / 1e6:,.1f} MB) {rule} to the fold of PAIRED (--dtype {dtype}; {folded})"
-        + provenance,
-        numbers,
+    return WeightsResult(
+        status="pass",
+        message=f"{len(names)} tensors ({nbytes / 1e6:,.1f} MB) {rule} to the fold of PAIRED (--dtype {dtype}; "
+        f"{folded}){provenance}",
+        numbers=numbers,
+        **counts,
     )
