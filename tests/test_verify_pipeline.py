@@ -272,3 +272,59 @@ def test_parse_bytes() -> None:
 def test_python_api_takes_the_same_choices(ck) -> None:
     report = verify(ck.plain, against=ck.trained, stages=["weights"])
     assert [s.status for s in report.stages] == ["pass", "skip", "skip", "skip", "skip", "skip"]
+
+
+def _retrained(ck: SimpleNamespace, d: Path, seed: int) -> tuple[Path, Path]:
+    """Another training run of the same pair: every tensor moved again, λ redrawn; and its fold."""
+    sd = load_file(ck.trained)
+    with open_checkpoint(ck.trained) as f:
+        meta = dict(f.metadata)
+    g = torch.Generator().manual_seed(seed)
+    for k in sd:
+        sd[k] = sd[k] + 0.01 * torch.randn(sd[k].shape, generator=g)
+    save_file(sd, d / f"trained-{seed}.safetensors", metadata=meta)
+    plain = fold_file(d / f"trained-{seed}.safetensors", d / f"plain-{seed}.safetensors").output
+    return d / f"trained-{seed}.safetensors", plain
+
+
+@pytest.mark.slow
+def test_a_repeated_gate_binds_the_cached_graph_and_still_fails_a_wrong_weight(ck, tmp_path) -> None:
+    """The export cache through the console script, as CI meets it (the same architecture, new weights each time):
+    the 1st and 2nd gates export (two agreeing exports, whose weights differ, make the entry bindable), the 3rd
+    binds its PLAIN's weights to the cached graph and exports nothing. A PLAIN with edited weights, gated through
+    the same cache, still fails weights, fold and onnx."""
+    cache = tmp_path / "cache"
+    runs = [(ck.trained, ck.plain), _retrained(ck, tmp_path, 5), _retrained(ck, tmp_path, 6)]
+    seen = []
+    for i, (trained, plain) in enumerate(runs):
+        r = _cli(
+            "verify", plain, "--against", trained, "--onnx", "--export-cache", cache, "--json", tmp_path / f"{i}.json"
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        data = json.loads((tmp_path / f"{i}.json").read_text())
+        assert data["passed"], data["failed"]
+        onnx = next(s for s in data["stages"] if s["name"] == "onnx")
+        seen.append(onnx["numbers"]["export_cache"])
+    assert seen[2] == "hit" and seen[0] != "hit" and seen[1] == "stored", seen
+    trained, plain = runs[2]
+    sd = load_file(plain)
+    sd["blocks.1.mlp.fc2.weight"] += 1e-3 * torch.randn(sd["blocks.1.mlp.fc2.weight"].shape)
+    with open_checkpoint(plain) as f:  # keep the recorded config: without it the head count, so the key, differs
+        save_file(sd, tmp_path / "edited.safetensors", metadata=dict(f.metadata))
+    r = _cli(
+        "verify",
+        tmp_path / "edited.safetensors",
+        "--against",
+        trained,
+        "--onnx",
+        "--export-cache",
+        cache,
+        "--json",
+        tmp_path / "e.json",
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    data = json.loads((tmp_path / "e.json").read_text())
+    status = {s["name"]: s["status"] for s in data["stages"]}
+    assert status["weights"] == status["fold"] == status["onnx"] == "fail", status
+    onnx = next(s for s in data["stages"] if s["name"] == "onnx")
+    assert onnx["numbers"]["export_cache"] == "hit"  # the bound graph carries the edited weight, and ORT sees it
