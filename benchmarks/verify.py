@@ -303,7 +303,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="vit_s", help=f"comma-separated, from {', '.join(VITS)}")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds per size")
     ap.add_argument("--before", type=Path, help="another mmsurgery checkout to run the same command from")
-    ap.add_argument("--cache", action="store_true", help="add the export-cache variants (1st, 2nd, repeated gate) of this tree")
+    ap.add_argument(
+        "--cache", action="store_true", help="add the export-cache variants (1st, 2nd, repeated gate) of this tree"
+    )
     ap.add_argument("--cache-option", default="--export-cache", help="this tree's verify option taking the cache DIR")
     ap.add_argument("--extra-args", default="", help="more verify arguments for this tree's runs (not --before's)")
     ap.add_argument("--timeout", type=float, help="kill a run after this many seconds (recorded as a timeout)")
