@@ -58,12 +58,7 @@ def tolerances_for(dtype: str, atol: float | None = None, rtol: float | None = N
     }
 
 
-# passed, shape_mismatch, mismatched, total, max_abs, max_rel, where, flat_index, actual_at, expected_at,
-# passing_atol, passing_rtol of a comparison of two empty tensors
-_EMPTY = (True, None, 0, 0, 0.0, 0.0, (), -1, 0.0, 0.0, 0.0, 0.0)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Comparison:
     """`actual` against `expected` for one output at one batch size."""
 
@@ -98,8 +93,30 @@ class Comparison:
         a = actual.detach().to(torch.float64).reshape(-1)
         e = expected.detach().to(torch.float64).reshape(-1)
         shape = tuple(expected.shape)
-        if e.numel() == 0:
-            return cls(label, batch_size, output, shape, atol, rtol, *_EMPTY)
+        common = {
+            "label": label,
+            "batch_size": batch_size,
+            "output": output,
+            "shape": shape,
+            "atol": atol,
+            "rtol": rtol,
+        }
+        if e.numel() == 0:  # two empty tensors: equal
+            return cls(
+                **common,
+                passed=True,
+                shape_mismatch=None,
+                mismatched=0,
+                total=0,
+                max_abs=0.0,
+                max_rel=0.0,
+                where=(),
+                flat_index=-1,
+                actual_at=0.0,
+                expected_at=0.0,
+                passing_atol=0.0,
+                passing_rtol=0.0,
+            )
         same = (a == e) | (torch.isnan(a) & torch.isnan(e))  # equal infinities and NaN pairs are no error
         diff = torch.where(same, torch.zeros_like(a), (a - e).abs().nan_to_num(nan=math.inf))
         mag = e.abs().nan_to_num(nan=math.inf, posinf=math.inf)
@@ -118,25 +135,20 @@ class Comparison:
             passing_rtol = float(((diff - atol) / torch.where(nonzero, mag, torch.ones_like(mag)))[over].max())
         where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
         return cls(
-            label,
-            batch_size,
-            output,
-            shape,
-            atol,
-            rtol,
-            bool(ok.all()),
-            None,
-            int((~ok).sum()),
-            int(e.numel()),
-            max_abs,
-            max_rel,
-            where,
-            flat,
-            float(a[flat]),
-            float(e[flat]),
-            max_abs,
-            passing_rtol,
-            int((ok & (diff > atol)).sum()),
+            **common,
+            passed=bool(ok.all()),
+            shape_mismatch=None,
+            mismatched=int((~ok).sum()),
+            total=int(e.numel()),
+            max_abs=max_abs,
+            max_rel=max_rel,
+            where=where,
+            flat_index=flat,
+            actual_at=float(a[flat]),
+            expected_at=float(e[flat]),
+            passing_atol=max_abs,
+            passing_rtol=passing_rtol,
+            rtol_admitted=int((ok & (diff > atol)).sum()),
         )
 
     @classmethod
@@ -144,7 +156,26 @@ class Comparison:
         """A comparison that could not look at values (different shapes or output counts): always failing."""
         label = f"batch {batch_size}" + (f", output {output}" if output else "")
         nan = float("nan")
-        return cls(label, batch_size, output, (), atol, rtol, False, why, 0, 0, nan, nan, (), -1, nan, nan, nan, None)
+        return cls(
+            label=label,
+            batch_size=batch_size,
+            output=output,
+            shape=(),
+            atol=atol,
+            rtol=rtol,
+            passed=False,
+            shape_mismatch=why,
+            mismatched=0,
+            total=0,
+            max_abs=nan,
+            max_rel=nan,
+            where=(),
+            flat_index=-1,
+            actual_at=nan,
+            expected_at=nan,
+            passing_atol=nan,
+            passing_rtol=None,
+        )
 
     def describe(self) -> str:
         """One line: the errors, where, how many elements fail, and the tolerance that would pass."""
