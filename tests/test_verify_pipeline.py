@@ -222,7 +222,7 @@ def test_a_gate_too_big_for_the_machine_fails_at_once_saying_what_it_needs(ck) -
     assert r.returncode == 2, r.stdout + r.stderr
     out = " ".join((r.stdout + r.stderr).split())
     assert "this gate needs about" in out and "0.1 GB is available" in out and "no stage fits" in out
-    assert "--against without --onnx proves every weight with flat memory" in out
+    assert "the weights stage proves every weight with flat memory" in out
 
 
 def _vit_infos(width: int, depth: int, mlp: int, tokens: int, patch: int) -> dict[str, TensorInfo]:

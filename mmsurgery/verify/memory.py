@@ -126,6 +126,6 @@ def check_fits(need: Estimate, have: int) -> None:
     )
     raise BadInputError(
         f"this gate needs about {_gb(need.peak)} of memory (the {worst} stage; PLAIN is {_gb(need.plain_float32)} "
-        f"in float32) and {_gb(have)} is available: {advice} (--against without --onnx proves every weight with "
+        f"in float32) and {_gb(have)} is available: {advice} (the weights stage proves every weight with "
         "flat memory at any size), or set --memory-limit if this machine has more"
     )
