@@ -3,10 +3,11 @@
 #
 #   examples/ci/verify.sh PAIRED [OUT_DIR]
 #
-# Folds the trained paired checkpoint PAIRED into OUT_DIR/model.plain.safetensors, exports OUT_DIR/model.onnx and
+# Folds the trained paired checkpoint PAIRED into OUT_DIR/model.plain.safetensors, exports OUT_DIR/model.onnx (+ .data) and
 # verifies both (weights, keys, fold, ONNX Runtime, cost, latency), writing OUT_DIR/verify.json and OUT_DIR/verify.xml.
 # Exit code: 0 ship it; 1 a check failed; 2 bad input or usage; anything else an internal error.
-# Extra options for `verify` go in MMSURGERY_VERIFY_ARGS, e.g. MMSURGERY_VERIFY_ARGS="--max-latency-ratio 1.10".
+# Extra options for `verify` go in MMSURGERY_VERIFY_ARGS, e.g. MMSURGERY_VERIFY_ARGS="--max-latency-ratio 1.10" or
+# "--export-cache ~/.cache/mmsurgery-export" (a repeated gate of the same architecture then skips the export).
 set -euo pipefail
 
 if [[ $# -lt 1 || $# -gt 2 ]]; then
@@ -18,7 +19,7 @@ out=${2:-build}
 mkdir -p "$out"
 plain="$out/model.plain.safetensors"
 graph="$out/model.onnx"
-rm -f "$graph"  # an existing .onnx would be taken as is: always verify a fresh export
+rm -f "$graph" "$graph.data"  # an existing .onnx would be taken as is: always verify a fresh export
 
 mmsurgery fold "$paired" -o "$plain" --force
 
