@@ -113,7 +113,8 @@ def main() -> int:
     cmd("inspect", trained)
 
     step(5, "verify the folded model for deployment")
-    (out / "trained.plain.onnx").unlink(missing_ok=True)  # verify takes an existing graph as is: export afresh
+    for stale in ("trained.plain.onnx", "trained.plain.onnx.data"):  # verify takes an existing graph as is
+        (out / stale).unlink(missing_ok=True)
     code = cmd(
         "verify", plain, "--against", trained, "--onnx", out / "trained.plain.onnx",
         "--json", out / "verify.json", "--junit", out / "verify.junit.xml",
@@ -132,7 +133,7 @@ def main() -> int:
         ("paired", paired.output),
         ("trained, paired", trained),
         ("trained, folded (plain ViT)", plain),
-        ("ONNX", out / "trained.plain.onnx"),
+        ("ONNX (weights in .onnx.data)", out / "trained.plain.onnx"),
         ("verify report (JSON, JUnit)", f"{out / 'verify.json'}, {out / 'verify.junit.xml'}"),
     ):
         console.print(f"  {label:30s} {path}")
