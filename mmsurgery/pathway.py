@@ -129,16 +129,47 @@ def _public_to_internal(pw: Pathway) -> dict[str, str]:
     return names
 
 
-def _public_names(module: nn.Module, pw: Pathway) -> None:
-    """Make `P.aux_weight` and `P.cross_modal_scale` (and `_k` for further auxiliaries) — the names `state_dict()`
-    shows — resolvable as attributes of the parametrized module, read-only and always live (torch's
-    `distributed.checkpoint` state-dict APIs walk each key with `getattr`). Set on the class parametrize made for
-    this one module, so the names go away with it when the pathway is folded; never registered as parameters, so
-    nothing is counted twice."""
-    cls = type(module)
-    for name in _public_to_internal(pw):
-        if name != "weight":
-            setattr(cls, name, property(lambda self, n=name: getattr(self.parametrizations.weight[0], n)))
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized `module` a class of its own, as parametrize made it, plus the pathway's public names.
+
+    parametrize makes one class per module and keeps its properties (`weight`) on it, but `copy.deepcopy` (every
+    EMA: `AveragedModel`, timm's `ModelEmaV3`) shares that class with the copy, and folding one copy (which deletes
+    `weight` from the class) broke all the others. The class made here copies and pickles through
+    `_reduce_parametrized`, so every copy, and a module `torch.load` rebuilds, gets a class of its own too."""
+    _set_class(module, *_class_args(module))
+
+
+def _class_args(module: nn.Module) -> tuple[type, tuple[str, ...], tuple[str, ...]]:
+    """(original class, parametrized tensor names, the pathway's public names) of a parametrized module."""
+    pw = _pathway_of(module)
+    public = tuple(name for name in _public_to_internal(pw) if name != "weight") if pw is not None else ()
+    return parametrize.type_before_parametrizations(module), tuple(module.parametrizations), public  # type: ignore[arg-type]
+
+
+def _set_class(module: nn.Module, base: type, tensors: tuple[str, ...], public: tuple[str, ...]) -> None:
+    """`public` (`aux_weight`, `cross_modal_scale`, ...: the names `state_dict()` shows) are read-only properties,
+    always live (torch's `distributed.checkpoint` state-dict APIs walk each key with `getattr`), never registered as
+    parameters, so nothing is counted twice; they go away with the class when the pathway is folded."""
+    namespace: dict[str, Any] = {"__reduce_ex__": _reduce_parametrized}
+    for name in public:
+        namespace[name] = property(lambda self, n=name: getattr(self.parametrizations.weight[0], n))
+    module.__class__ = type(f"Parametrized{base.__name__}", (base,), namespace)
+    for name in tensors:  # torch's own property (a private helper), bound to this module: its `cached()` key
+        parametrize._inject_property(module, name)
+
+
+def _reduce_parametrized(self: nn.Module, protocol: int) -> Any:
+    """How `copy.deepcopy`, `copy.copy` and pickle (`torch.save(model)`) take a module with a class from
+    `_own_class`: rebuilt from its original class by `_rebuild_parametrized`, then given its state as any module."""
+    if vars(type(self)).get("__reduce_ex__") is not _reduce_parametrized:  # a class made later on top (FSDP2's)
+        return object.__reduce_ex__(self, protocol)
+    return (_rebuild_parametrized, _class_args(self), self.__getstate__())
+
+
+def _rebuild_parametrized(base: type, tensors: tuple[str, ...], public: tuple[str, ...]) -> nn.Module:
+    module = base.__new__(base)
+    _set_class(module, base, tensors, public)
+    return module
 
 
 def _pathway_of(module: nn.Module) -> Pathway | None:
@@ -242,9 +273,10 @@ def _open_for_attach(path: str | os.PathLike[str]) -> PairedCheckpoint:
 
 
 def _format_problems(problems: list[str], what: str) -> str:
-    shown = "\n  - ".join(problems[:_MAX_LISTED])
-    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-    return f"{what}; the model was not changed ({len(problems)} problem(s)):\n  - {shown}{more}"
+    """One line (the CLI prints errors as one line): the problems joined by "; "."""
+    shown = "; ".join(problems[:_MAX_LISTED])
+    more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return f"{what}; the model was not changed ({len(problems)} problem(s)): {shown}{more}"
 
 
 def attach(
@@ -359,8 +391,10 @@ def attach(
         pathway._param_order = tuple(module._parameters)
         # unsafe: skip the trial forward parametrize runs to check shape and dtype (W + λ·W_aux keeps both by
         # construction); that trial allocated a whole weight per linear, ~the model again in freed heap blocks
+        if parametrize.is_parametrized(module):
+            _own_class(module)  # its class may be shared with copies: keep `weight` off theirs
         parametrize.register_parametrization(module, "weight", pathway, unsafe=True)
-        _public_names(module, pathway)
+        _own_class(module)
         pathway._handles = [
             module.register_state_dict_post_hook(_state_dict_post_hook),
             module.register_load_state_dict_pre_hook(_load_pre_hook),
@@ -492,7 +526,7 @@ def fold(model: nn.Module) -> nn.Module:
     if lost:
         raise FoldError(
             _format_problems(lost, "cannot fold: PEFT merged adapters into pathway weights, where a merge is lost")
-            + "\ncall unmerge_adapter() on the PEFT model, then fold (mmsurgery.integrations.peft.merge_and_unload "
+            + "; call unmerge_adapter() on the PEFT model, then fold (mmsurgery.integrations.peft.merge_and_unload "
             "folds, then merges)"
         )
     entries = _entries(model)
@@ -506,6 +540,8 @@ def fold(model: nn.Module) -> nn.Module:
         for handle in pw._handles:
             handle.remove()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        if parametrize.is_parametrized(module):
+            _own_class(module)  # other tensors stay parametrized: keep their class, without the pathway's names
         module.weight.data = new_weight
         params = module._parameters  # restore the original order (weight first) so keys match a plain model
         for key in [k for k in pw._param_order if k in params] + [k for k in params if k not in pw._param_order]:
