@@ -17,7 +17,7 @@ from rich.console import Console
 
 from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES
-from mmsurgery.errors import BadInputError, MMSurgeryError
+from mmsurgery.errors import BadInputError, MMSurgeryError, one_line
 from mmsurgery.paired_format import SCALE_MODES
 
 app = typer.Typer(
@@ -179,7 +179,8 @@ def pair(
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return
-    _stdout().print(render.plans(result.plans, result.output, result.written.result if result.written else None))
+    written = result.written.result if result.written else None
+    _stdout().print(render.plans(result.plans, result.output, written, vit=result.vit))
 
 
 @app.command()
@@ -416,7 +417,7 @@ def _internal(e: BaseException, debug: bool) -> int:
     from mmsurgery.render import escape_controls
 
     print(
-        escape_controls(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)"),
+        escape_controls(f"internal error: {type(e).__name__}: {one_line(str(e))} (run with --debug for the traceback)"),
         file=sys.stderr,
     )
     return 3

@@ -47,3 +47,14 @@ class CheckFailedError(MMSurgeryError):
     """A verification check ran and failed."""
 
     exit_code = 1
+
+
+def one_line(text: str) -> str:
+    """`text` (a message of another library, which may span lines) as one line: its non-blank lines, stripped,
+    joined by "; " (by a space after a line that ends a sentence). The CLI prints every error as one line, and a
+    line break left in a message would show there as a literal `\\n`."""
+    out = ""
+    for line in (s.strip() for s in text.splitlines()):
+        if line:
+            out += ("" if not out else " " if out[-1] in ".:;!?" else "; ") + line
+    return out

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from mmsurgery.checkpoint.writer import WriteResult
     from mmsurgery.describe import Description
     from mmsurgery.fold import FoldResult
+    from mmsurgery.pairing.paired import VitRecord
     from mmsurgery.pairing.plan import Plan
     from mmsurgery.verify.report import Report
 
@@ -166,21 +167,48 @@ def wrote(output: object, written: WriteResult | None = None) -> str:
     return escape_controls(f"wrote {output}/ ({names})")
 
 
-def plans(ps: Sequence[Plan], output: object = None, written: WriteResult | None = None) -> Group:
-    """One plan table per auxiliary model (one, as always, with one auxiliary)."""
+def plans(
+    ps: Sequence[Plan], output: object = None, written: WriteResult | None = None, *, vit: VitRecord | None = None
+) -> Group:
+    """One plan table per auxiliary model (one, as always, with one auxiliary), then the recorded ViT config."""
     if len(ps) == 1:
-        return plan(ps[0], output, written)
+        return plan(ps[0], output, written, vit=vit)
     parts: list[object] = []
     for k, p in enumerate(ps):
         parts.append(Text(f"auxiliary {k + 1} of {len(ps)}", style="bold underline"))
         parts.append(plan(p, None, None, last=False))
     n = len(ps[0].pairs)
     parts.append(Text(f"{n} linears with {len(ps)} pathways each: W + Σₖ λₖ·W_auxₖ", style="bold"))
+    if vit is not None:
+        parts.append(vit_line(vit))
     parts.append(Text(wrote(output, written) if output else "dry run: nothing written", style="dim"))
     return Group(*parts)
 
 
-def plan(p: Plan, output: object = None, written: WriteResult | None = None, *, last: bool = True) -> Group:
+def vit_line(vit: VitRecord) -> Text:
+    """Where the recorded ViT config's head count came from; a warning when it was guessed."""
+    heads, width = vit.config.get("num_heads"), vit.config.get("embed_dim")
+    if not vit.inferred:
+        return Text(escape_controls(f"ViT config: {heads} attention heads (from {vit.heads_from})"), style="dim")
+    return Text(
+        escape_controls(
+            f"warning: ViT config inferred, not read: {heads} attention heads for width {width}, from "
+            f"{vit.heads_from}; nothing confirmed it (--heads, the target's mmsurgery.vit metadata or a config.json "
+            "beside it would). Recorded as inferred: verify says so and will not keep an exported graph of it; "
+            "pair again with --heads N to confirm the trained model's head count"
+        ),
+        style="yellow",
+    )
+
+
+def plan(
+    p: Plan,
+    output: object = None,
+    written: WriteResult | None = None,
+    *,
+    last: bool = True,
+    vit: VitRecord | None = None,
+) -> Group:
     table = Table(show_edge=False)
     for col in ("target layer", "aux layer", "transform", "shape", "status"):
         table.add_column(col)
@@ -226,6 +254,8 @@ def plan(p: Plan, output: object = None, written: WriteResult | None = None, *, 
         parts.append(Text(escape_controls(f"warning: {w}"), style="yellow"))
     mode = f"; λ {p.scale_mode}" if p.scale_mode != "per-linear" else ""
     parts.append(Text(p.summary + mode, style="bold"))
+    if vit is not None:
+        parts.append(vit_line(vit))
     if last:
         parts.append(Text(wrote(output, written) if output else "dry run: nothing written", style="dim"))
     return Group(*parts)
@@ -352,4 +382,16 @@ def verify_report(report: Report) -> Group:
     else:
         verdict = Text.assemble(("FAILED", "bold red"), f" ({', '.join(report.failed)}): {tally}")
     head = Text(escape_controls(f"mmsurgery verify {report.inputs.get('plain')}"), style="bold")
-    return Group(head, table, verdict)
+    if not report.config_inferred:
+        return Group(head, table, verdict)
+    guessed = ", ".join(f"{k} {v}" for k, v in report.config_inferred.items())
+    verdict.append(f"; config inferred ({guessed}), not confirmed", style="yellow")
+    note = Text(
+        escape_controls(
+            f"config inferred, not recorded: {guessed} (the head-dim-64 rule; neither --heads nor the checkpoint's "
+            "mmsurgery.vit metadata confirms it): this gate checks the model built from that guess, which may not be "
+            "the trained one; pass --heads N to confirm"
+        ),
+        style="bold yellow",
+    )
+    return Group(head, note, table, verdict)

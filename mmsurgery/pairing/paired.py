@@ -8,33 +8,66 @@ names M2PT's own `CrossModalReparamLinear` saves, so the file loads with a stric
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import ITEMSIZE
 from mmsurgery.checkpoint.hashing import HashJob
+from mmsurgery.checkpoint.pins import check_regular
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError
+from mmsurgery.hf import CONFIG_NAME
 from mmsurgery.paired_format import (
     FORMAT_KEY,
     INIT_SCALE_KEY,
     SCALE_MODE_KEY,
     VERSION_KEY,
+    VIT_INFERRED,
     VIT_KEY,
     paired_format,
     plan_key,
 )
 from mmsurgery.pairing.plan import Plan
 
+__all__ = ["PairedWrite", "VitRecord", "default_output", "vit_metadata", "write_paired"]
+
+log = logging.getLogger(__name__)
+
+HEAD_RULE = "the head-dim-64 rule"
+
+
+@dataclass(frozen=True, kw_only=True)
+class VitRecord:
+    """The built-in ViT configuration `pair` records as `mmsurgery.vit`, and where its head count came from (the one
+    field the weights do not give). `inferred` names the fields guessed rather than learned: the JSON lists them
+    under `inferred`, and verify refuses to keep an exported graph of such a configuration (docs/verify.md)."""
+
+    config: Mapping[str, Any]  # ViTConfig.to_dict()
+    heads_from: str  # "--heads", "the target's mmsurgery.vit metadata", a config.json path, or HEAD_RULE
+    inferred: tuple[str, ...] = ()
+
+    def to_metadata(self) -> str:
+        """The `mmsurgery.vit` value: the config's JSON, plus `"inferred": [...]` when something was guessed."""
+        data = dict(self.config)
+        if self.inferred:
+            data[VIT_INFERRED] = list(self.inferred)
+        return json.dumps(data)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": dict(self.config), "heads_from": self.heads_from, "inferred": list(self.inferred)}
+
 
 @dataclass(frozen=True)
 class PairedWrite:
     result: WriteResult
     metadata: dict[str, str]
+    vit: VitRecord | None = field(default=None, kw_only=True)
 
 
 def default_output(target: Path) -> Path:
@@ -43,18 +76,64 @@ def default_output(target: Path) -> Path:
     return target.with_name(Path(name).stem + ".paired.safetensors")
 
 
-def vit_metadata(target: Checkpoint, heads: int | None) -> str | None:
-    """The built-in ViT config of a timm-named ViT target (heads: `heads`, else the target's own metadata, else
-    the head-dim-64 rule of `models.vit.config_from_state_dict`); None when the target is not such a ViT."""
-    from mmsurgery.models.vit import config_from_state_dict
+def vit_metadata(target: Checkpoint, heads: int | None) -> VitRecord | None:
+    """The built-in ViT config of a timm-named ViT target; None when the target is not such a ViT. Its head count is
+    `heads`, else the target's own `mmsurgery.vit` metadata (unless that marks it inferred), else a `config.json`
+    beside the target that states it (`config_heads`), else the head-dim-64 rule of
+    `models.vit.config_from_state_dict`, and then the record says it was inferred."""
+    from mmsurgery.models.vit import config_from_state_dict, inferred_fields
 
     shapes = {name: info.shape for name, info in target.infos.items()}
+    heads_from = "--heads"
+    found = heads
+    if found is None and not inferred_fields(None, target.metadata):
+        heads_from = f"the target's {VIT_KEY} metadata"
+    elif found is None and "patch_embed.proj.weight" in shapes:
+        stated = config_heads(Path(target.path), shapes["patch_embed.proj.weight"][0])
+        if stated is not None:
+            found, where = stated
+            heads_from = str(where)
     try:
-        return json.dumps(config_from_state_dict(shapes, num_heads=heads, metadata=target.metadata).to_dict())
+        config = config_from_state_dict(shapes, num_heads=found, metadata=target.metadata)
     except BadInputError:
         if heads is not None:
             raise
         return None
+    inferred = inferred_fields(found, target.metadata)
+    if inferred:
+        marked = VIT_KEY in target.metadata
+        heads_from = f"the target's {VIT_KEY} metadata, which marks it inferred" if marked else HEAD_RULE
+    return VitRecord(config=config.to_dict(), heads_from=heads_from, inferred=inferred)
+
+
+_HEADS_FIELDS = ("num_attention_heads", "num_heads")  # transformers' configs; timm's `model_args`
+_WIDTH_FIELDS = ("hidden_size", "embed_dim", "num_features")
+
+
+def config_heads(target: Path, embed_dim: int) -> tuple[int, Path] | None:
+    """The head count a Hugging Face `config.json` in the target's folder states (`num_attention_heads` or
+    `num_heads`, at the top level or in timm's `model_args`), and that file; None when there is no such file, it
+    states none, or it describes another width (a config of some other model in the same folder)."""
+    folder = target if target.is_dir() else target.parent
+    path = folder / CONFIG_NAME
+    if os.path.exists(path):
+        check_regular(path)  # a FIFO would block the read forever: refused, naming it
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    for part in (data, data.get("model_args") if isinstance(data, dict) else None):
+        if not isinstance(part, dict):
+            continue
+        widths = [part[f] for f in _WIDTH_FIELDS if isinstance(part.get(f), int)]
+        heads = next((part[f] for f in _HEADS_FIELDS if isinstance(part.get(f), int)), None)
+        if heads is None or isinstance(heads, bool) or heads < 1:
+            continue
+        if any(w != embed_dim for w in widths) or embed_dim % heads:
+            log.info("%s: %d heads for width %s, not this target's %d: not used", path, heads, widths, embed_dim)
+            continue
+        return heads, path
+    return None
 
 
 def write_paired(
@@ -98,8 +177,9 @@ def write_paired(
         metadata[SCALE_MODE_KEY] = mode
     vit = vit_metadata(target, heads)
     if vit is not None:
-        metadata[VIT_KEY] = vit
+        metadata[VIT_KEY] = vit.to_metadata()
     inputs = [target.path, *target.files, *(f for a in auxes for f in (a.path, *a.files))]  # an index is an input too
+    inputs += [c.folder for c in (target, *auxes) if c.folder is not None]  # and a folder: no output goes inside
     with SafetensorsWriter(
         out,
         specs,
@@ -128,4 +208,4 @@ def write_paired(
         result = w.commit(patch=patch)
         for ph, digest in patch.items():
             metadata = {k: v.replace(ph, digest) for k, v in metadata.items()}
-        return PairedWrite(result, metadata)
+        return PairedWrite(result, metadata, vit=vit)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmsurgery.errors import BadInputError
+from mmsurgery.errors import BadInputError, one_line
 from mmsurgery.hf import to_model_names
-from mmsurgery.models.vit import VisionTransformer, ViTConfig, config_from_state_dict
+from mmsurgery.models.vit import VisionTransformer, ViTConfig, config_from_state_dict, inferred_fields
 
 __all__ = ["Arch", "Example", "FactoryArch", "VitArch", "load_arch"]
 
@@ -81,6 +81,11 @@ class Arch:
         """The model's configuration, flat; the cost stage requires PLAIN's to equal the reference's."""
         return {}
 
+    def config_inferred(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, Any]:
+        """The configuration fields the architecture would guess for this checkpoint rather than read (name → the
+        guessed value); empty when everything is known. `state` may hold meta tensors."""
+        return {}
+
     def same_graph(self, plain: nn.Module, reference: nn.Module) -> bool:
         """Whether exporting `reference` must give PLAIN's graph (same code, same configuration, same weights),
         so verify exports once. False unless the architecture can prove it; a factory's code is the user's."""
@@ -113,6 +118,18 @@ class VitArch(Arch):
     def describe(self, model: nn.Module) -> dict[str, Any]:
         cfg = getattr(model, "config", None)
         return cfg.to_dict() if isinstance(cfg, ViTConfig) else {}
+
+    def config_inferred(self, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, Any]:
+        """`num_heads` unless `--heads` gives it or the `mmsurgery.vit` metadata records it (not marked inferred):
+        the head-dim-64 rule's guess. Empty as well when no config can be built (the keys stage says why)."""
+        fields = inferred_fields(self.num_heads, metadata)
+        if not fields:
+            return {}
+        try:
+            config = self.config(state, metadata)
+        except BadInputError:
+            return {}
+        return {name: getattr(config, name) for name in fields}
 
     def same_graph(self, plain: nn.Module, reference: nn.Module) -> bool:
         """The built-in ViT's forward is a function of its `ViTConfig` alone: two exact `VisionTransformer`s with
@@ -148,7 +165,9 @@ class FactoryArch(Arch):
             with torch.random.fork_rng(devices=[]):
                 model = self.factory(state, metadata)
         except Exception as exc:
-            raise BadInputError(f"--arch {self.name}: the factory raised {type(exc).__name__}: {exc}") from exc
+            raise BadInputError(
+                f"--arch {self.name}: the factory raised {type(exc).__name__}: {one_line(str(exc))}"
+            ) from exc
         if not isinstance(model, nn.Module):
             raise BadInputError(f"--arch {self.name}: the factory returned {type(model).__name__}, not an nn.Module")
         return model

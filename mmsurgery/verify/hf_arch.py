@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmsurgery.errors import BadInputError
+from mmsurgery.errors import BadInputError, one_line
 from mmsurgery.hf import CONFIG_NAME, to_model_names
 from mmsurgery.verify.arch import Arch
 
@@ -96,7 +96,9 @@ class HfArch(Arch):
         try:
             self.config = transformers.AutoConfig.from_pretrained(os.fspath(config_file.parent))
         except Exception as exc:  # unknown model_type, malformed JSON, ...
-            raise BadInputError(f"{config_file}: transformers cannot read it ({type(exc).__name__}: {exc})") from exc
+            raise BadInputError(
+                f"{config_file}: transformers cannot read it ({type(exc).__name__}: {one_line(str(exc))})"
+            ) from exc
         self.model_class = _model_class(transformers, self.config, config_file)
         self.reference_note = (
             f"a fresh {self.model_class.__name__} from {config_file}, PLAIN's weights loaded (transformers "

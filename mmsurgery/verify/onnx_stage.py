@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mmsurgery.errors import BadInputError
+from mmsurgery.errors import BadInputError, one_line
 from mmsurgery.verify.compare import compare_batches, summarize, verdict
 from mmsurgery.verify.report import StageResult, error_line
 
@@ -148,7 +148,7 @@ def probe_onnx_file(path: Path) -> None:
     try:
         onnx.load(os.fspath(path), load_external_data=False)
     except Exception as exc:  # DecodeError, OSError, ...
-        raise BadInputError(f"--onnx {path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
+        raise BadInputError(f"--onnx {path}: not an ONNX model ({type(exc).__name__}: {one_line(str(exc))})") from exc
 
 
 def check_model(path: Path) -> None:

@@ -82,6 +82,11 @@ class Report:
     tolerances: Mapping[str, Any]
     versions: Mapping[str, str]
     seconds: float
+    config_inferred: Mapping[str, Any] = field(default_factory=dict)  # guessed config fields → value; JSON inputs
+
+    def all_inputs(self) -> dict[str, Any]:
+        """`inputs` with `config_inferred` added: what the JSON report's `inputs` and the JUnit properties hold."""
+        return {**self.inputs, "config_inferred": dict(self.config_inferred)}
 
     @property
     def passed(self) -> bool:
@@ -103,7 +108,7 @@ class Report:
             "passed": self.passed,
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
-            "inputs": _jsonable(dict(self.inputs)),
+            "inputs": _jsonable(self.all_inputs()),
             "tolerances": _jsonable(dict(self.tolerances)),
             "versions": dict(self.versions),
             "stages": [s.to_json() for s in self.stages],
@@ -123,7 +128,7 @@ class Report:
             time=f"{self.seconds:.3f}",
         )
         props = ET.SubElement(suite, "properties")
-        for key, value in self.inputs.items():
+        for key, value in self.all_inputs().items():
             ET.SubElement(props, "property", name=str(key), value=json.dumps(_jsonable(value)))
         for s in self.stages:
             case = ET.SubElement(suite, "testcase", classname="mmsurgery.verify", name=s.name, time=f"{s.seconds:.3f}")
