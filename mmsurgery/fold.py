@@ -167,7 +167,22 @@ def plain_tensors(paired: PairedCheckpoint | Checkpoint, dtype: str = "keep") ->
     if bad:
         lam = paired.scales[bad[0]]
         raise FoldError(f"{bad[0]}: cross_modal_scale is {lam}; refusing to fold ({len(bad)} layer(s))")
+    _check_floating(paired)
     return PlainTensors(paired, dtype)
+
+
+def _check_floating(paired: PairedCheckpoint) -> None:
+    """Every W and W_aux of a pathway is floating point, from the headers, before anything is read or written:
+    `W + λ·W_aux` cast back to an integer W would be silently truncated (`foldmath.fold_weight` refuses it too)."""
+    infos = paired.ck.infos
+    for p, spec in paired.pathways.items():
+        for name in (f"{p}.weight" if p else "weight", *(aux_key(p, k) for k in range(spec.num_aux))):
+            dtype = infos[name].dtype
+            if dtype not in FLOATING:
+                raise FoldError(
+                    f"{name}: {dtype}, not floating point; W + λ·W_aux cannot be stored in it without truncation "
+                    "(a pathway folds floating-point weights only)"
+                )
 
 
 @contextlib.contextmanager
@@ -232,14 +247,15 @@ def fold_file(
         metadata.pop(SOURCE_KEY, None)  # never carry over a digest that is not of this input
         if hashing is not None:
             metadata[SOURCE_KEY] = hashing.placeholder
-        dest, extra_files = output_for(out, paired, default_output(ck.path), ".plain", replaces=".paired")
+        default = default_output(ck.path)
+        dest, extra_files = output_for(out, paired, default, ".plain", replaces=".paired", occupied=ck.folder)
         with SafetensorsWriter(
             dest,
             source.specs,
             metadata=metadata,
             shard_size=shard_size,
             force=force,
-            inputs=[ck.path, *ck.files],
+            inputs=[ck.path, *ck.files, *([ck.folder] if ck.folder is not None else [])],  # nothing goes inside
             extra_files=extra_files,
             on_progress=on_progress,
         ) as w:

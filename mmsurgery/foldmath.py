@@ -113,8 +113,8 @@ def fold_weight(
     a new tensor is returned, or `out` (a float32 tensor of the weight's shape, reused by the streaming fold to
     avoid fresh allocations; it may be `aux_weight` itself when the caller owns that buffer: the product is
     computed elementwise in place, the same bits; only the first auxiliary's product goes there).
-    Raises `FoldError` naming `name` for a non-finite λ, a non-finite result, or a result that overflows the
-    stored dtype.
+    Raises `FoldError` naming `name` for a W or W_aux that is not floating point (an integer W would truncate the
+    sum), a non-finite λ, a non-finite result, or a result that overflows the stored dtype.
     """
     label = name or "layer"
     if scale is None or aux_weight is None:  # e.g. a missing key looked up with .get()
@@ -128,6 +128,12 @@ def fold_weight(
             raise FoldError(f"{label}: a pathway needs both aux_weight and cross_modal_scale for every auxiliary")
         if weight.shape != a.shape:
             raise FoldError(f"{label}: aux_weight shape {list(a.shape)} != weight shape {list(weight.shape)}")
+        for what, t in (("weight", weight), ("aux_weight", a)):
+            if not t.is_floating_point():
+                raise FoldError(
+                    f"{label}: {what} is {str(t.dtype).removeprefix('torch.')}, not floating point; W + λ·W_aux "
+                    "cannot be stored in it without truncation (a pathway folds floating-point weights only)"
+                )
         why = scale_problem(s.shape, weight.shape)
         if why is not None:
             raise FoldError(f"{label}: cross_modal_scale {why}")

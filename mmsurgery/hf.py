@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from mmsurgery.checkpoint.pins import check_regular
 from mmsurgery.errors import BadInputError
 from mmsurgery.paired_format import is_pathway_key
 
@@ -74,19 +75,25 @@ class ModelFolder:
 
 def model_folder(path: str | os.PathLike[str]) -> ModelFolder | None:
     """The model folder `path` names, or None when `path` is not a folder holding a `config.json` (a weights file
-    named directly, even inside a model folder, is just that file)."""
+    named directly, even inside a model folder, is just that file). A `config.json`, or a file that would be
+    carried, that is not a regular file (a FIFO, a socket, a device) is refused naming it, never skipped."""
     p = Path(path)
     try:
-        if not p.is_dir() or not (p / CONFIG_NAME).is_file():
+        if not p.is_dir() or not os.path.exists(p / CONFIG_NAME):
             return None
+        check_regular(p / CONFIG_NAME)
         entries = sorted(os.scandir(p), key=lambda e: (e.name != CONFIG_NAME, e.name))
-        carried = tuple(
-            e.name
+        listed = [
+            e
             for e in entries
             if not e.name.startswith(".")
-            and e.is_file()  # follows a symlink, as a Hub cache snapshot holds its files
+            and not e.is_dir()  # follows a symlink, as a Hub cache snapshot holds its files
             and not any(fnmatch.fnmatchcase(e.name, pattern) for pattern in NOT_CARRIED)
-        )
+        ]
+        for e in listed:
+            if not e.is_file() and os.path.exists(e.path):  # a dangling link is passed over, as before
+                check_regular(Path(e.path))
+        carried = tuple(e.name for e in listed if e.is_file())
     except OSError as e:
         raise BadInputError(f"{p}: cannot read the folder ({e.strerror or type(e).__name__})") from None
     if p.name in ("", ".", ".."):
@@ -101,9 +108,12 @@ def output_for(
     suffix: str,
     *,
     replaces: str = "",
+    occupied: Path | None = None,
 ) -> tuple[str | os.PathLike[str], dict[str, Path] | None]:
     """Where `pair`/`fold` write, and the files that go along: `out` as given (a str keeps a trailing `/`); else,
-    for a model folder `source`, its sibling folder (`ModelFolder.sibling(suffix, replaces=...)`); else `default`.
+    for a model folder `source`, its sibling folder (`ModelFolder.sibling(suffix, replaces=...)`); else `default`,
+    unless that lies inside `occupied` (the folder the input occupies, `Checkpoint.folder`: a sharded set's, or a
+    folder given as the input), where no output may go: then that folder's sibling folder, named the same way.
     The second item is the source folder's carried files when the output is a folder, else None."""
     from mmsurgery.checkpoint.writer import is_folder_output
 
@@ -112,9 +122,17 @@ def output_for(
         dest: str | os.PathLike[str] = out
     elif folder is not None:
         dest = f"{folder.sibling(suffix, replaces=replaces)}{os.sep}"
+    elif occupied is not None and _inside(default, occupied) and Path(os.path.abspath(occupied)).name:
+        named = occupied if occupied.name not in ("", ".", "..") else Path(os.path.abspath(occupied))
+        dest = f"{ModelFolder(named, ()).sibling(suffix, replaces=replaces)}{os.sep}"
     else:
         dest = default
     return dest, folder.extra_files() if folder is not None and is_folder_output(dest) else None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    real = Path(os.path.realpath(folder))
+    return real in Path(os.path.realpath(path)).parents
 
 
 def is_hf_model(model: nn.Module) -> bool:

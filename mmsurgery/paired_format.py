@@ -19,6 +19,7 @@ already open) checks the format version, finds and validates the pathways and re
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -33,9 +34,13 @@ from mmsurgery.errors import BadInputError, FoldError
 __all__ = [
     "AUX_SUFFIX",
     "FOLDED_FORMAT",
+    "FOLDED_KIND",
     "FORMAT_KEY",
     "INIT_SCALE_KEY",
+    "MAX_METADATA_JSON",
+    "MAX_VERSION_DIGITS",
     "PAIRED_FORMAT",
+    "PAIRED_KIND",
     "PLAN_KEY",
     "SCALES_KEY",
     "SCALE_MODES",
@@ -43,6 +48,7 @@ __all__ = [
     "SCALE_SUFFIX",
     "SOURCE_KEY",
     "VERSION_KEY",
+    "VIT_INFERRED",
     "VIT_KEY",
     "LayerScales",
     "PairedCheckpoint",
@@ -56,6 +62,7 @@ __all__ = [
     "find_pathways",
     "group_pathway_keys",
     "is_pathway_key",
+    "metadata_json",
     "open_paired",
     "paired_format",
     "paired_view",
@@ -144,6 +151,7 @@ FORMAT_KEY = "mmsurgery.format"  # "paired/1", "paired/2" or "folded/1"
 VERSION_KEY = "mmsurgery.version"  # the mmsurgery that wrote the file
 PLAN_KEY = "mmsurgery.plan"  # the pairing plan of auxiliary 0 (mmsurgery.plan.k for auxiliary k)
 VIT_KEY = "mmsurgery.vit"  # the built-in ViT's config (models.vit.METADATA_KEY)
+VIT_INFERRED = "inferred"  # in the mmsurgery.vit JSON: fields guessed, not learned (["num_heads"]); optional
 INIT_SCALE_KEY = "mmsurgery.init_scale"
 SCALE_MODE_KEY = "mmsurgery.scale_mode"  # written only when it is not per-linear
 SCALES_KEY = "mmsurgery.scales"  # folded files: λ per layer (JSON)
@@ -151,7 +159,10 @@ SOURCE_KEY = "mmsurgery.source_sha256"  # folded files: sha256 of the paired inp
 PAIRED_FORMAT = "paired/1"  # one auxiliary, λ one value per linear: M2PT's own layout
 PAIRED_FORMAT_2 = "paired/2"  # several auxiliaries, or λ per qkv chunk / per channel
 FOLDED_FORMAT = "folded/1"
-READS = {"paired": 2, "folded": 1}  # the newest version of each kind this mmsurgery understands
+PAIRED_KIND, FOLDED_KIND = "paired", "folded"
+READS = {PAIRED_KIND: 2, FOLDED_KIND: 1}  # the newest version of each kind this mmsurgery understands
+MAX_VERSION_DIGITS = 9
+_FORMAT = re.compile(rf"([a-z][a-z0-9_.-]{{0,31}})/([1-9][0-9]{{0,{MAX_VERSION_DIGITS - 1}}})", re.ASCII)
 
 
 def plan_key(k: int = 0) -> str:
@@ -163,20 +174,77 @@ def paired_format(num_aux: int, scale_mode: str) -> str:
     return PAIRED_FORMAT if num_aux == 1 and scale_mode == "per-linear" else PAIRED_FORMAT_2
 
 
-def check_format(metadata: Mapping[str, str], where: object) -> None:
-    """The reader's rule for versions: a file of a known kind (`paired`, `folded`) with a newer version than this
-    mmsurgery reads is refused with one line saying to upgrade, rather than half-understood; an older version, an
-    unknown kind or no `mmsurgery.format` at all (M2PT's own files, a plain model) is read by its tensor names."""
+def check_format(metadata: Mapping[str, str], where: object) -> str | None:
+    """The reader's rule for versions, the one place `mmsurgery.format` is parsed; returns the file's kind
+    (`PAIRED_KIND`, `FOLDED_KIND`, or a kind this mmsurgery does not know), or None without the key.
+
+    The value is `KIND/N`: a lowercase ASCII kind, a slash and a version of 1 to `MAX_VERSION_DIGITS` ASCII digits
+    without a leading zero. Anything else (`paired/-1`, `paired/０１`, `paired/01`, a 5,000-digit version, no
+    slash, an empty value) is a damaged file, refused in one line. A known kind (`paired`, `folded`) with a newer
+    version than this mmsurgery reads is refused with one line saying to upgrade, rather than half-understood; an
+    older version, an unknown kind or no `mmsurgery.format` at all (M2PT's own files, a plain model) is read by
+    its tensor names."""
     value = metadata.get(FORMAT_KEY)
-    if not value or "/" not in value:
-        return
-    kind, _, version = value.partition("/")
-    newest = READS.get(kind)
-    if newest is not None and version.isdigit() and int(version) > newest:
+    if value is None:
+        return None
+    m = _FORMAT.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:50] + f"...' ({len(value):,} characters)"
         raise BadInputError(
-            f"{where}: {FORMAT_KEY} is {value!r}, written by a newer mmsurgery ({metadata.get(VERSION_KEY, '?')}); "
+            f"{where}: {FORMAT_KEY} is {shown}, not KIND/N such as 'paired/1' (N: 1 to {MAX_VERSION_DIGITS} ASCII "
+            "digits); the metadata is damaged: write the file again with mmsurgery, or drop that key"
+        )
+    kind, version = m[1], int(m[2])
+    newest = READS.get(kind)
+    if newest is not None and version > newest:
+        written_by = metadata.get(VERSION_KEY, "?")
+        written_by = written_by if len(written_by) <= 40 else written_by[:40] + "..."
+        raise BadInputError(
+            f"{where}: {FORMAT_KEY} is {value!r}, written by a newer mmsurgery ({written_by}); "
             f"this one reads {kind}/1..{newest}: upgrade mmsurgery"
         )
+    return kind
+
+
+MAX_METADATA_JSON = 1_000_000  # characters of one JSON metadata value; mmsurgery's own are a few KB
+MAX_JSON_INT_DIGITS = 20  # 2**64 - 1 has 20 digits: no count or size in a config is longer
+
+
+def metadata_json(metadata: Mapping[str, str], key: str, where: object = None) -> object:
+    """The JSON value of metadata entry `key` (`mmsurgery.vit`, ...), or None without one: the one parser of every
+    JSON value mmsurgery reads from metadata, bounded so that a damaged or hostile value costs nothing and fails in
+    one line (`BadInputError`) rather than deep in a stage. Refused: more than `MAX_METADATA_JSON` characters,
+    nesting past Python's recursion limit, an integer of more than `MAX_JSON_INT_DIGITS` digits (Python's own limit
+    of 4,300 digits would raise `ValueError` much later), `NaN`/`Infinity`, and anything that is not JSON."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    what = f"{where}: metadata {key!r}" if where is not None else f"metadata {key!r}"
+    if not isinstance(value, str):
+        raise BadInputError(f"{what} is {type(value).__name__}, not a JSON string")
+    if len(value) > MAX_METADATA_JSON:
+        raise BadInputError(
+            f"{what} is {len(value):,} characters, more than the {MAX_METADATA_JSON:,} mmsurgery reads; "
+            "the metadata is damaged"
+        )
+    try:
+        return json.loads(value, parse_int=_json_int, parse_constant=_json_constant)
+    except RecursionError:
+        raise BadInputError(f"{what} is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, and the refusals of the two hooks
+        why = " ".join(str(e).split())[:120]
+        raise BadInputError(f"{what} is not valid JSON ({why})") from None
+
+
+def _json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"an integer of {digits:,} digits")
+    return int(text)
+
+
+def _json_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 # ---- the shape of λ -----------------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def test_cli_fold_key_picks_the_model_of_a_training_checkpoint(tmp_path: Path, c
 
 def test_fold_refuses_to_write_into_the_dcp_folder(tmp_path: Path) -> None:
     folder = save_dcp(trained_state(), tmp_path / "ckpt")
-    with pytest.raises(BadInputError, match="overwrite an input"):
+    with pytest.raises(BadInputError, match="inside the input folder"):
         fold_file(folder, folder / "plain.safetensors")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from mmsurgery.checkpoint.dcp_metadata import METADATA_NAME, DcpChunk, DcpLayout, DcpTensor, _brief, parse_metadata
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
-from mmsurgery.checkpoint.pins import Pin, Pins, os_error
+from mmsurgery.checkpoint.pins import Pin, Pins, check_regular, not_regular, os_error
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, _naming, _PinnedLoader
 from mmsurgery.errors import BadInputError
 
@@ -36,9 +36,13 @@ ZIP_MAGIC = b"PK\x03\x04"  # each chunk is a torch.save archive (SerializationFo
 def is_dcp_folder(folder: Path) -> bool:
     """Whether `folder` holds a DCP checkpoint: its `.metadata`, or `.distcp` files or per-rank `__<rank>.metadata`
     (then `open_dcp` says what is missing)."""
-    return (
-        (folder / METADATA_NAME).is_file() or any(folder.glob(f"*{SUFFIX}")) or any(folder.glob(f"__*{METADATA_NAME}"))
-    )
+    return _present(folder / METADATA_NAME) or any(folder.glob(f"*{SUFFIX}")) or any(folder.glob(f"__*{METADATA_NAME}"))
+
+
+def _present(path: Path) -> bool:
+    """A file of any kind but a folder: whether it is a regular one is `pins.check_regular`'s to say, naming it,
+    not a reason to call it missing."""
+    return os.path.exists(path) and not os.path.isdir(path)
 
 
 def open_dcp(folder: Path, key: str | None = None) -> Checkpoint:
@@ -50,12 +54,12 @@ def open_dcp(folder: Path, key: str | None = None) -> Checkpoint:
     """
     meta = folder / METADATA_NAME
     per_rank = sorted(f.name for f in folder.glob(f"__*{METADATA_NAME}"))
-    if not meta.is_file() and per_rank:
+    if not _present(meta) and per_rank:
         raise BadInputError(
             f"{folder}: per-rank metadata ({', '.join(per_rank[:3])}) from a save without collectives; mmsurgery "
             f"reads one {METADATA_NAME} (save with a process group, or load with torch and save again)"
         )
-    if not meta.is_file():
+    if not _present(meta):
         raise BadInputError(
             f"{folder}: .distcp files without their {METADATA_NAME} (the save did not finish, or the file was lost)"
         )
@@ -63,7 +67,7 @@ def open_dcp(folder: Path, key: str | None = None) -> Checkpoint:
     try:
         layout = parse_metadata(meta, _read_metadata(pins, meta))
         for name in layout.files:
-            if not (folder / name).is_file():
+            if not os.path.exists(folder / name):  # anything there is opened, and refused unless a regular file
                 raise BadInputError(f"{folder}: shard file {name!r} named in {METADATA_NAME} is missing")
             pins.open_file(folder / name)
         _check_extents(folder, layout, pins)
@@ -155,6 +159,7 @@ class _FilePins(Pins):
     and mtime at open checked before and after every read (a file replaced by rename is never seen)."""
 
     def open_file(self, path: Path) -> Pin:
+        check_regular(path)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
@@ -164,9 +169,9 @@ class _FilePins(Pins):
         except OSError as e:
             os.close(fd)
             raise os_error(path, e) from None
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):  # replaced since `check_regular`
             os.close(fd)
-            raise BadInputError(f"{path}: not a regular file")
+            raise not_regular(path, st.st_mode)
         pin = Pin(fd, st.st_size, st.st_mtime_ns)
         self._pins[path] = pin
         return pin

@@ -17,7 +17,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from mmsurgery.checkpoint.pins import check_regular
 from mmsurgery.errors import BadInputError, UnsafeCheckpointError
+
+__all__ = ["SAFE_GLOBALS", "ZIP_MAGIC", "load_pickle"]
 
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
 ZIP_MAGIC = b"PK\x03\x04"  # what torch.load itself checks to tell its zip format from a legacy pickle
@@ -28,7 +31,9 @@ def load_pickle(path: Path) -> Any:
 
     Anything a damaged file makes the zip reader or torch raise becomes one `BadInputError`, and warnings (torch's
     "Detected pickle protocol 3", pickletools' while naming unsafe globals) are silenced: stderr stays one line.
+    A FIFO, socket or device is refused before it is opened (`pins.check_regular`).
     """
+    check_regular(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _load(path)

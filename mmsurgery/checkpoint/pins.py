@@ -15,7 +15,7 @@ from pathlib import Path
 from mmsurgery.checkpoint.safetensors_header import SafetensorsHeader, read_header
 from mmsurgery.errors import BadInputError
 
-__all__ = ["Pin", "Pins", "os_error", "pread_into"]
+__all__ = ["Pin", "Pins", "check_regular", "not_regular", "os_error", "pread_into"]
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,15 @@ class Pins:
 
     def open(self, path: Path) -> SafetensorsHeader:
         """Open `path`, read and validate its header, and keep the descriptor; the header is the descriptor's."""
+        check_regular(path)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # replaced by a FIFO since: do not block
         except OSError as e:
             raise os_error(path, e) from None
         try:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
-                raise BadInputError(f"{path}: not a regular file")
+                raise not_regular(path, before.st_mode)
             header = read_header(path, fd)
             after = os.fstat(fd)
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
@@ -88,6 +89,37 @@ class Pins:
         pins, self._pins = self._pins, {}
         for pin in pins.values():
             os.close(pin.fd)
+
+
+def check_regular(path: Path) -> None:
+    """Refuse `path` unless it is a regular file (through symlinks), before anything opens it: opening a FIFO for
+    reading blocks until a writer appears (forever, for a stray one), and opening a device may have effects of its
+    own. Every file a reader opens passes here first (safetensors, pickles, indexes, DCP files, a model folder's)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise os_error(path, e) from None
+    except ValueError:  # a NUL in the name: no file can have it
+        raise BadInputError(f"{_brief_path(path)}: no such file or folder (a NUL character in the name)") from None
+    if not stat.S_ISREG(mode):
+        raise not_regular(path, mode)
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def not_regular(path: Path, mode: int) -> BadInputError:
+    """One line naming `path` and what it is instead of a regular file."""
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    return BadInputError(
+        f"{_brief_path(path)}: {kind}, not a regular file; mmsurgery reads only regular files (save or copy it to one)"
+    )
 
 
 def os_error(path: Path, e: OSError) -> BadInputError:

@@ -47,14 +47,18 @@ def check_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
 
 
 def refuse_overlap(outputs: Sequence[Path], folder: Path | None, inputs: Sequence[str | os.PathLike[str]]) -> None:
-    """An output set may never overlap an input: not one of its files, not the folder holding an input, even
-    with `force` (a fold into its own input folder would replace the index the rest of the set depends on)."""
+    """An output set may never overlap an input: not one of its files, not the folder holding an input, nothing
+    inside an input folder (a folder given as an input, a sharded set's: `Checkpoint.folder`), even with `force`
+    (a fold into its own input folder would replace the index the rest of the set depends on, or leave a second
+    model beside it), symlinks resolved."""
     for src in inputs:
         src_path = Path(src)
         src_real = Path(os.path.realpath(src_path))
         for out in outputs:
             real = Path(os.path.realpath(out))
-            if real == src_real or src_real in real.parents or _same(src_path, out):
+            if src_real in real.parents:
+                raise OutputExistsError(f"{out}: inside the input folder {src}; write outside it (even with --force)")
+            if real == src_real or _same(src_path, out):
                 raise OutputExistsError(f"{out}: the output would overwrite an input ({src}); choose another path")
         if folder is not None:
             real_folder = Path(os.path.realpath(folder))

@@ -17,9 +17,19 @@ from typing import Any, TypeVar
 
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE, torch_dtype_name
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
-from mmsurgery.checkpoint.pins import Pins, os_error, pread_into
-from mmsurgery.checkpoint.safetensors_header import decode_floats
+from mmsurgery.checkpoint.pins import Pins, check_regular, os_error, pread_into
+from mmsurgery.checkpoint.safetensors_header import MAX_TENSORS, decode_floats
 from mmsurgery.errors import BadInputError
+
+__all__ = [
+    "INDEX_NAMES",
+    "MAX_INDEX_BYTES",
+    "PICKLE_SUFFIXES",
+    "SINGLE_NAMES",
+    "Checkpoint",
+    "TensorInfo",
+    "open_checkpoint",
+]
 
 T = TypeVar("T")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
@@ -46,6 +56,10 @@ class Checkpoint:
     """A read-only, lazy name → tensor view of a checkpoint file or sharded set.
 
     Names are normalised: the wrapper was unwrapped (`unwrap_path`) and `module.` / `_orig_mod.` stripped.
+
+    `folder` is the folder the checkpoint occupies, where no output may go (`publish.refuse_overlap`): the folder
+    it was opened as, or the one holding a sharded set's or a DCP checkpoint's files; None for a file named
+    directly (an output beside it is fine).
     """
 
     def __init__(
@@ -69,6 +83,7 @@ class Checkpoint:
         self.alternatives = alternatives
         self.ignored = ignored or {}
         self._loader = loader
+        self.folder: Path | None = None
 
     def __contains__(self, name: object) -> bool:
         return name in self.infos
@@ -263,7 +278,18 @@ def open_checkpoint(path: str | os.PathLike[str], key: str | None = None) -> Che
     if not len(ck):
         ck.close()
         raise BadInputError(f"{ck.path}: an empty state dict (no tensors)")
+    ck.folder = _occupied_folder(p, ck)
     return ck
+
+
+def _occupied_folder(given: Path, ck: Checkpoint) -> Path | None:
+    """The folder an input occupies (`Checkpoint.folder`): `given` when it is a folder, a DCP checkpoint's folder
+    (also when given as its `.metadata`), or the folder of a sharded set's index."""
+    if given.is_dir():
+        return given
+    if ck.path.is_dir():
+        return ck.path
+    return ck.path.parent if ck.path.name.endswith(".index.json") else None
 
 
 def _open(p: Path, key: str | None) -> Checkpoint:
@@ -277,6 +303,7 @@ def _open(p: Path, key: str | None) -> Checkpoint:
             return dcp.open_dcp(folder, key)
     if p.is_dir():
         p = _weights_in_folder(p)
+    check_regular(p)  # before anything opens it: a FIFO would block the open, a device may act on it
     if p.name.endswith(".index.json"):
         return _open_sharded(p, key)
     if p.suffix == ".safetensors":
@@ -290,7 +317,7 @@ def _open(p: Path, key: str | None) -> Checkpoint:
 
 def _weights_in_folder(folder: Path) -> Path:
     for name in (*INDEX_NAMES, *SINGLE_NAMES):
-        if (folder / name).is_file():
+        if _present(folder / name):  # a FIFO or socket by that name is named in the refusal, not passed over
             return folder / name
     found = sorted(folder.glob("*.safetensors")) or sorted(f for s in PICKLE_SUFFIXES for f in folder.glob(f"*{s}"))
     if len(found) == 1:
@@ -299,6 +326,12 @@ def _weights_in_folder(folder: Path) -> Path:
         raise BadInputError(f"{folder}: a folder without model weights (no .safetensors, .bin, .pt or index file)")
     names = ", ".join(f.name for f in found[:6])
     raise BadInputError(f"{folder}: several weight files ({names}); name the one to read")
+
+
+def _present(p: Path) -> bool:
+    """Whether a file (of any kind but a folder) exists at `p`: whether it is a regular one is `check_regular`'s to
+    say, in a message naming it, rather than a reader's to skip or call missing."""
+    return os.path.exists(p) and not os.path.isdir(p)
 
 
 def _looks_like_pickle(p: Path) -> bool:
@@ -329,7 +362,7 @@ def _info(name: str, entry: Any) -> TensorInfo:
 def _open_sharded(index: Path, key: str | None) -> Checkpoint:
     weight_map = _read_weight_map(index)
     files = list(dict.fromkeys(index.parent / s for s in weight_map.values()))
-    missing = [str(f.relative_to(index.parent)) for f in files if not f.is_file()]
+    missing = [str(f.relative_to(index.parent)) for f in files if not os.path.exists(f)]  # else opened: checked
     if missing:
         raise BadInputError(f"{index}: shard file(s) missing: {', '.join(map(_brief, missing[:4]))}")
     if index.name.startswith("pytorch_model.bin"):
@@ -366,14 +399,23 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     if index.stat().st_size > MAX_INDEX_BYTES:
         raise BadInputError(f"{where} (larger than {MAX_INDEX_BYTES // 10**6} MB)")
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
+        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except RecursionError:
         raise BadInputError(f"{where} (JSON nested too deeply)") from None
+    except _DuplicateKey as e:
+        raise BadInputError(
+            f"{where} (key {_brief(e.key)} appears twice in one object; JSON readers disagree on which one counts)"
+        ) from None
     except (UnicodeDecodeError, ValueError) as e:
         raise BadInputError(f"{where} (not JSON: {str(e)[:200]})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise BadInputError(f"{where} (needs a non-empty 'weight_map' object)")
+    if len(weight_map) > MAX_TENSORS:
+        raise BadInputError(
+            f"{where} (weight_map lists {len(weight_map):,} tensors, more than the {MAX_TENSORS:,} "
+            "a checkpoint may hold)"
+        )
     for name, shard in weight_map.items():
         entry = f"{index}: weight_map entry {_brief(name)}"
         if not isinstance(shard, str):
@@ -382,6 +424,22 @@ def _read_weight_map(index: Path) -> dict[str, str]:
         if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or "\x00" in shard:
             raise BadInputError(f"{entry} = {_brief(shard)} points outside the index's folder; shards must lie in it")
     return weight_map
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct: `json.loads` would keep the last of two and drop the first."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _check_shards(index: Path, weight_map: dict[str, str], contents: dict[Path, list[str]]) -> None:

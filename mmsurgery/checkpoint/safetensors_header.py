@@ -6,22 +6,39 @@ here turns a truncated or corrupt file into one clear `BadInputError` before any
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmsurgery.checkpoint.dtypes import SAFETENSORS_DTYPES
 from mmsurgery.errors import BadInputError
 
+__all__ = [
+    "MAX_DIMS",
+    "MAX_ELEMENTS",
+    "MAX_HEADER_BYTES",
+    "MAX_INT_DIGITS",
+    "MAX_TENSORS",
+    "HeaderEntry",
+    "SafetensorsHeader",
+    "decode_floats",
+    "read_header",
+]
+
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 MAX_INT_DIGITS = 20  # 2**64 - 1 has 20 digits: no valid offset or dimension is longer
 _LONG_DIGITS = re.compile(rb"\d{%d}" % (MAX_INT_DIGITS + 1))
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # the only way valid UTF-8 JSON can spell a lone surrogate
 MAX_ELEMENTS = 2**63 - 1  # torch sizes are int64: more elements than this cannot be a tensor
 MAX_DIMS = 64  # no checkpoint tensor comes near; a shape of millions of zeros would otherwise cost seconds and GBs
+MAX_TENSORS = 500_000  # per file, and per sharded set; a header of a million tiny tensors cost 25 s and 1 GB to parse
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,30 @@ def read_header(path: Path, fd: int | None = None) -> SafetensorsHeader:
     raw = os.pread(fd, n, 8)
     if len(raw) != n:
         raise BadInputError(f"{where} (truncated while its header was read)")
+    listed = raw.count(b'"data_offsets"')  # one per tensor: a bound checked in C, before any entry is built
+    if listed > MAX_TENSORS:
+        raise BadInputError(
+            f"{where} (its header lists {listed:,} tensors, more than the {MAX_TENSORS:,} mmsurgery reads)"
+        )
+    with _gc_paused():
+        return _parsed(path, raw, file_size, where)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a header's objects are built: they form no cycles, and the collections
+    that hundreds of thousands of new objects trigger were 40% of the time a large header took."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _parsed(path: Path, raw: bytes, file_size: int, where: str) -> SafetensorsHeader:
+    n = len(raw)
     header = _parse_json(raw, where)
     if not isinstance(header, dict):
         raise BadInputError(f"{where} (header is {_kind(header)}, not a JSON object)")
@@ -98,13 +139,20 @@ def _parse_json(raw: bytes, where: str) -> object:
     # 21-digit run appears (usually inside a string, where it is harmless), so only then is it paid.
     exact = {"parse_int": _bounded_int} if b"-0" in raw or _LONG_DIGITS.search(raw) else {}
     try:
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys, **exact)
+        hook = _Objects(surrogates=_SURROGATE_ESCAPE.search(raw) is not None)
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=hook, **exact)
     except RecursionError:
         raise BadInputError(f"{where} (header JSON is nested too deeply)") from None
+    except _TooMany as e:
+        raise BadInputError(f"{where} ({e})") from None
     except MemoryError:
         raise BadInputError(f"{where} (a {len(raw):,}-byte header too large to parse in memory)") from None
     except ValueError as e:  # JSONDecodeError, _Refused
         raise BadInputError(f"{where} (header is not valid JSON: {str(e)[:200]})") from None
+
+
+class _TooMany(_Refused):
+    """More objects than a header of `MAX_TENSORS` tensors holds."""
 
 
 def _no_constant(name: str) -> object:
@@ -117,17 +165,34 @@ def _bounded_int(text: str) -> int | float:
     return -0.0 if text == "-0" else int(text)  # serde_json reads `-0` as a float, so no size may be written so
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Refused(f"duplicate key {_brief(key)}")
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _Refused(f"key {_brief(key)} is not valid Unicode (a lone surrogate)") from None
-        out[key] = value
-    return out
+class _Objects:
+    """The `object_pairs_hook` of one header: each object's keys distinct and valid Unicode, and no more objects
+    than `MAX_TENSORS` entries (plus `__metadata__` and the header itself) can need. The count bounds a header
+    that spells its keys with escapes (`"data\\u005foffsets"`), which the count of `"data_offsets"` before
+    parsing does not see: the parse stops there, not after building every entry."""
+
+    def __init__(self, *, surrogates: bool) -> None:
+        self.count = 0
+        self.surrogates = surrogates  # whether the text may spell one at all: else no key is checked
+
+    def __call__(self, pairs: list[tuple[str, object]]) -> dict[str, object]:
+        self.count += 1
+        if self.count > MAX_TENSORS + 2:
+            raise _TooMany(f"its header lists more than {MAX_TENSORS:,} tensors, the most mmsurgery reads")
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            for key, _value in pairs:
+                if key in seen:
+                    raise _Refused(f"duplicate key {_brief(key)}")
+                seen.add(key)
+        if self.surrogates:
+            for key in out:
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _Refused(f"key {_brief(key)} is not valid Unicode (a lone surrogate)") from None
+        return out
 
 
 def _json_problem(value: object) -> str | None:

@@ -9,7 +9,6 @@ exact-erf GELU, `scaled_dot_product_attention`, cls-token pooling). Every linear
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,13 +20,14 @@ from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
 from mmsurgery.layout.timm_vit import block_linear_names, timm_vit_fields
-from mmsurgery.paired_format import VIT_KEY
+from mmsurgery.paired_format import VIT_INFERRED, VIT_KEY, metadata_json
 
 __all__ = [
     "METADATA_KEY",
     "ViTConfig",
     "VisionTransformer",
     "config_from_state_dict",
+    "inferred_fields",
     "vit_base",
     "vit_from_checkpoint",
     "vit_large",
@@ -80,7 +80,9 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ViTConfig:
-        """Build from `to_dict()` output; unknown keys are an error so a typo cannot be silently dropped."""
+        """Build from `to_dict()` output (or the `mmsurgery.vit` JSON, whose `inferred` list is not a field); unknown
+        keys are an error so a typo cannot be silently dropped."""
+        data = {k: v for k, v in data.items() if k != VIT_INFERRED}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -234,26 +236,59 @@ def config_from_state_dict(
     shapes = {k: _shape(v) for k, v in state.items()}
     inferred = timm_vit_fields(shapes)
     meta_cfg: dict[str, Any] = {}
-    if metadata and METADATA_KEY in metadata:
-        try:
-            meta_cfg = dict(json.loads(metadata[METADATA_KEY]))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise BadInputError(f"metadata '{METADATA_KEY}' is not a JSON object: {exc}") from exc
-        clashes = {k: (meta_cfg[k], v) for k, v in inferred.items() if k in meta_cfg and meta_cfg[k] != v}
+    meta = metadata_json(metadata or {}, METADATA_KEY)  # bounded: a damaged value is one BadInputError
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise BadInputError(f"metadata '{METADATA_KEY}' is not a JSON object but {_shown(meta)}")
+        meta_cfg = meta
+        clashes = {k: (_shown(meta_cfg[k]), v) for k, v in inferred.items() if k in meta_cfg and meta_cfg[k] != v}
         if clashes:
             raise BadInputError(
                 f"metadata '{METADATA_KEY}' disagrees with the tensor shapes (metadata, shapes): {clashes}"
             )
     if num_heads is None:
         num_heads = meta_cfg.get("num_heads")
+        if num_heads is not None and (type(num_heads) is not int or num_heads < 1):
+            raise BadInputError(
+                f"metadata '{METADATA_KEY}' has num_heads {_shown(num_heads)}, not a positive integer; pass num_heads"
+            )
     if num_heads is None:
         num_heads = _default_heads(inferred["embed_dim"])
         log.info("num_heads=%d from the head-dim-64 rule (embed_dim %d)", num_heads, inferred["embed_dim"])
     fields = {**inferred, "num_heads": num_heads, "gelu_approximate": meta_cfg.get("gelu_approximate", "none")}
     try:
         return ViTConfig(**fields)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # TypeError: a metadata value of the wrong type
         raise BadInputError(f"cannot build a ViT from this state dict: {exc}; pass num_heads") from exc
+
+
+def _shown(value: Any) -> Any:
+    """A metadata value for a one-line message: a number, bool, null or short string as it is, anything else
+    (a list, an object, a long string) by its kind, so that no message repeats a damaged value at length."""
+    if value is None or (type(value) in (int, float, bool) and len(repr(value)) <= 30):
+        return value
+    if isinstance(value, str) and len(value) <= 40:
+        return value
+    kinds = {dict: "an object", list: "a list", str: "a long string", int: "a huge number"}
+    return f"<{kinds.get(type(value), type(value).__name__)}>"
+
+
+def inferred_fields(num_heads: int | None, metadata: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The config fields `config_from_state_dict(..., num_heads, metadata)` guesses rather than learns: `num_heads`
+    unless it is given or the `mmsurgery.vit` metadata records it without listing it in its `inferred` list (what
+    `pair` writes when it applied the head-dim-64 rule); () when nothing is guessed. Metadata it cannot read counts
+    as none, and an `inferred` entry that is not a list as listing everything (`config_from_state_dict` reports
+    unreadable JSON)."""
+    if num_heads is not None:
+        return ()
+    try:
+        meta = metadata_json(metadata or {}, METADATA_KEY)
+    except BadInputError:
+        return ("num_heads",)
+    if not isinstance(meta, dict) or meta.get("num_heads") is None:
+        return ("num_heads",)
+    guessed = meta.get(VIT_INFERRED, [])
+    return ("num_heads",) if not isinstance(guessed, list) or "num_heads" in guessed else ()
 
 
 def vit_from_checkpoint(

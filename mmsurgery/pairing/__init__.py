@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from mmsurgery.checkpoint.hashing import HashJob
-from mmsurgery.checkpoint.reader import open_checkpoint
+from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.hf import output_for
+from mmsurgery.paired_format import FORMAT_KEY, PAIRED_KIND, check_format, is_pathway_key
 from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_map
-from mmsurgery.pairing.paired import PairedWrite, default_output, write_paired
+from mmsurgery.pairing.paired import PairedWrite, VitRecord, default_output, vit_metadata, write_paired
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
 from mmsurgery.pairing.transforms import Transform
 
@@ -28,6 +29,7 @@ __all__ = [
     "Skip",
     "Source",
     "Transform",
+    "VitRecord",
     "align",
     "depth_map",
     "pair",
@@ -40,12 +42,15 @@ class PairResult:
     output: Path | None  # what to open or `from_pretrained`: a model folder, an index, or the file; None: dry run
     written: PairedWrite | None
     plans: tuple[Plan, ...] = ()  # one per auxiliary, in order
+    vit: VitRecord | None = None  # the built-in ViT config recorded as `mmsurgery.vit` (None: not a timm-named ViT)
 
     def to_json(self) -> dict[str, Any]:
-        """One auxiliary: the plan's JSON (+ `output`), as always; several: `{"plans": [...], "output"}`."""
+        """One auxiliary: the plan's JSON (+ `output`, `vit`), as always; several: `{"plans": [...], "output",
+        "vit"}`."""
         plans = self.plans or (self.plan,)
         data = plans[0].to_json() if len(plans) == 1 else {"plans": [p.to_json() for p in plans]}
         data["output"] = str(self.output) if self.output else None
+        data["vit"] = self.vit.to_json() if self.vit is not None else None
         return data
 
 
@@ -99,6 +104,23 @@ def _common(plans: list[Plan], strict: bool = False) -> list[Plan]:
     return out
 
 
+def _refuse_paired(ck: Checkpoint, role: str) -> None:
+    """`pair` takes plain models: a paired input (pathway tensors, or `mmsurgery.format` `paired/N`) is refused,
+    naming it. As an auxiliary its plain keys are its own target's weights, so the target would be paired with a
+    model it may well be; as the target it would get pathways on top of pathways."""
+    kind = check_format(ck.metadata, ck.path)
+    found = next((name for name in ck.infos if is_pathway_key(name)), None)
+    if found is None and kind != PAIRED_KIND:
+        return
+    value = ck.metadata.get(FORMAT_KEY)
+    why = f"holds pathway tensors, e.g. {found!r}" if found is not None else f"{FORMAT_KEY} is {value!r}"
+    if role == "TARGET":
+        fix = "give the plain target (several auxiliaries pair in one run: pair TARGET AUX1 AUX2), or fold it first"
+    else:
+        fix = "its other tensors are its own target's weights: give the plain auxiliary model, or fold it first"
+    raise PairingError(f"{ck.path}: {role} is already paired ({why}); {fix}")
+
+
 def pair(
     target: str | os.PathLike[str],
     aux: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -146,6 +168,9 @@ def pair(
     with contextlib.ExitStack() as stack:
         t = stack.enter_context(open_checkpoint(target, key=target_key))
         auxes = [stack.enter_context(open_checkpoint(a, key=k)) for a, k in zip(aux_paths, keys, strict=True)]
+        _refuse_paired(t, "TARGET")
+        for k, a in enumerate(auxes):
+            _refuse_paired(a, f"auxiliary model {k + 1}" if n > 1 else "AUX")
         common: dict[str, Any] = dict(roles=roles, target_stack=target_stack, strict=strict, scale=scale)
 
         def options(k: int) -> dict[str, Any]:
@@ -153,7 +178,7 @@ def pair(
 
         if dry_run:
             plans = _common([align(t, a, **options(k)) for k, a in enumerate(auxes)], strict)
-            return PairResult(plans[0], None, None, tuple(plans))
+            return PairResult(plans[0], None, None, tuple(plans), vit=vit_metadata(t, heads))
         jobs = [HashJob(t.files, 0, t.open_pinned)]  # hashed on the other core while tensors stream
         jobs += [HashJob(a.files, k + 1, a.open_pinned) for k, a in enumerate(auxes)]
         plans = _common(
@@ -163,7 +188,7 @@ def pair(
             ],
             strict,
         )
-        dest, extra_files = output_for(out, target, default_output(t.path), ".paired")
+        dest, extra_files = output_for(out, target, default_output(t.path), ".paired", occupied=t.folder)
         digests = {job.placeholder: job for job in jobs}
         written = write_paired(
             plans,
@@ -187,4 +212,4 @@ def pair(
             for k, pl in enumerate(plans)
         )
         output = written.result.path.parent if extra_files is not None else written.result.path
-        return PairResult(final[0], output, written, final)
+        return PairResult(final[0], output, written, final, vit=written.vit)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsurgery.checkpoint.hashing import HashJob
+from mmsurgery.checkpoint.pins import check_regular
 from mmsurgery.checkpoint.reader import Checkpoint
 from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.layout.detect import Block, Linear, Stack, choose_stack, detect
@@ -98,9 +99,16 @@ def _load_map(map_file: str | os.PathLike[str] | Mapping[str, Any] | None) -> di
         data: Any = dict(map_file)
     else:
         try:
-            data = json.loads(Path(map_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BadInputError(f"--map {map_file}: not a readable JSON file ({e})") from None
+            check_regular(Path(map_file))  # a FIFO would block the read
+            data = json.loads(Path(map_file).read_text(encoding="utf-8"))
+        except BadInputError as e:
+            raise BadInputError(f"--map {e}") from None
+        except RecursionError:
+            raise BadInputError(f"--map {map_file}: not a readable JSON file (nested too deeply)") from None
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError, a number past Python's digit limit
+            raise BadInputError(
+                f"--map {map_file}: not a readable JSON file ({' '.join(str(e).split())[:200]})"
+            ) from None
     if not isinstance(data, dict) or not set(data) <= {"blocks", "linears"}:
         raise BadInputError('--map: expected a JSON object with "blocks" and/or "linears"')
     return data
