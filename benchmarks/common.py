@@ -10,9 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -138,25 +139,31 @@ def make_vit(
     """A timm-named ViT-sized float32 safetensors file (`VITS[size]`), written tensor by tensor (never whole in
     memory). Every tensor is N(0, 0.02²) unless `timm_init`: then LayerNorm weights are 1, biases 0 and the cls token
     N(0, (1e-6)²), as `VisionTransformer.reset_parameters` leaves them (a model whose activations stay in range)."""
-    import torch
-
     from mmsurgery.checkpoint import TensorInfo
     from mmsurgery.checkpoint.writer import SafetensorsWriter
 
-    shapes = VITS[size].shapes()
-    specs = [TensorInfo(k, "float32", s) for k, s in shapes.items()]
-    gen = torch.Generator().manual_seed(seed)
+    specs = [TensorInfo(k, "float32", s) for k, s in VITS[size].shapes().items()]
     with SafetensorsWriter(path, specs, metadata=metadata, force=True) as w:
-        for k, s in shapes.items():
-            if timm_init and k.endswith("bias"):
-                t = torch.zeros(s)
-            elif timm_init and k.rpartition(".")[0].rpartition(".")[2].startswith("norm"):
-                t = torch.ones(s)  # a LayerNorm's weight
-            else:
-                t = torch.randn(s, generator=gen) * (1e-6 if timm_init and k == "cls_token" else 0.02)
+        for k, t in vit_tensors(size, seed, timm_init=timm_init):
             w.write(k, t)
         w.commit()
     return path
+
+
+def vit_tensors(size: str, seed: int, *, timm_init: bool = False) -> Iterator[tuple[str, Any]]:
+    """`make_vit`'s tensors one at a time, in timm's order: the same values for the same arguments, so a file
+    written by another writer (`safetensors.torch.save_file`) can hold exactly what `make_vit` writes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for k, s in VITS[size].shapes().items():
+        if timm_init and k.endswith("bias"):
+            t = torch.zeros(s)
+        elif timm_init and k.rpartition(".")[0].rpartition(".")[2].startswith("norm"):
+            t = torch.ones(s)  # a LayerNorm's weight
+        else:
+            t = torch.randn(s, generator=gen) * (1e-6 if timm_init and k == "cls_token" else 0.02)
+        yield k, t
 
 
 def safetensors_numel(path: Path) -> int:
