@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
 import struct
 import sys
@@ -239,7 +240,10 @@ def test_foreign_missing_unreadable_and_unfitting_entries_are_misses(vits, prove
     assert "no entry" in ExportCache(tmp_path / "empty").bind(vits.key, state, tmp_path / "m.onnx").reason
     proven.entry_path(vits.key).unlink()
     proven.entry_path(vits.key).mkdir()
-    assert "cannot be read" in proven.bind(vits.key, state, tmp_path / "d.onnx").reason
+    assert "not a regular file" in proven.bind(vits.key, state, tmp_path / "d.onnx").reason
+    proven.entry_path(vits.key).rmdir()
+    os.mkfifo(proven.entry_path(vits.key))  # read, it would block forever
+    assert "not a regular file" in proven.bind(vits.key, state, tmp_path / "p.onnx").reason
     assert not any(tmp_path.glob("*.onnx"))
 
 

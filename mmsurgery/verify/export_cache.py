@@ -513,8 +513,11 @@ class ExportCache:
         return self.root / f"{key}.entry"
 
     def _read(self, key: str) -> _Entry:
+        path = self.entry_path(key)
         try:
-            blob = self.entry_path(key).read_bytes()
+            if path.exists() and not path.is_file():  # a FIFO would block the read forever
+                raise _Miss("the entry is not a regular file")
+            blob = path.read_bytes()
         except FileNotFoundError:
             raise _Miss("no entry for this key") from None
         except OSError as e:
