@@ -20,6 +20,8 @@ from mmsurgery.checkpoint.dtypes import FOLD_DTYPES
 from mmsurgery.errors import BadInputError, MMSurgeryError, one_line
 from mmsurgery.paired_format import SCALE_MODES
 
+__all__ = ["app", "fold", "inspect", "main", "pair", "verify"]
+
 app = typer.Typer(
     name="mmsurgery",
     help="Cross-modal weight surgery (Multimodal Pathway) on transformer checkpoints.",

@@ -13,6 +13,8 @@ from mmsurgery.errors import NoTransformerBlocksError
 from mmsurgery.layout.detect import Layout, Stack, default_stack, detect
 from mmsurgery.paired_format import LayerScales, paired_view
 
+__all__ = ["SCHEMA", "Description", "describe", "describe_checkpoint"]
+
 SCHEMA = "mmsurgery.inspect/1"
 
 

@@ -6,6 +6,19 @@ fine but a check it was put to failed. Messages say what is wrong and, where the
 
 from __future__ import annotations
 
+__all__ = [
+    "AttachError",
+    "BadInputError",
+    "CheckFailedError",
+    "FoldError",
+    "MMSurgeryError",
+    "NoTransformerBlocksError",
+    "OutputExistsError",
+    "PairingError",
+    "UnsafeCheckpointError",
+    "one_line",
+]
+
 
 class MMSurgeryError(Exception):
     """Base of every error mmsurgery raises on purpose."""

@@ -8,6 +8,8 @@ from mmsurgery.describe import Description
 from mmsurgery.errors import BadInputError
 from mmsurgery.paired_format import scale_means
 
+__all__ = ["plot_scales"]
+
 
 def plot_scales(d: Description, path: Path) -> Path:
     """λ per pathway layer as a bar chart, coloured by linear role, saved to `path` (PNG)."""

@@ -23,6 +23,24 @@ if TYPE_CHECKING:
     from mmsurgery.pairing.plan import Plan
     from mmsurgery.verify.report import Report
 
+__all__ = [
+    "PROGRESS_MIN_BYTES",
+    "byte_progress",
+    "description",
+    "escape_controls",
+    "fold_result",
+    "human_bytes",
+    "human_count",
+    "keys",
+    "plan",
+    "plans",
+    "print_error",
+    "scale_chart",
+    "verify_report",
+    "vit_line",
+    "wrote",
+]
+
 
 PROGRESS_MIN_BYTES = 64 * 2**20  # smaller jobs finish before a bar would be worth drawing
 

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from mmsurgery.pathway import param_groups
 
+__all__ = ["TrainConfig", "accuracy", "train_classifier"]
+
 
 @dataclass(frozen=True)
 class TrainConfig:

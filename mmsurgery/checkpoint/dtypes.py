@@ -5,6 +5,8 @@ Kept free of torch so that reading a safetensors header (and `mmsurgery inspect`
 
 from __future__ import annotations
 
+__all__ = ["FLOATING", "FOLD_DTYPES", "ITEMSIZE", "NAME_TO_CODE", "SAFETENSORS_DTYPES", "torch_dtype_name"]
+
 # safetensors code -> (report name, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8),

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+__all__ = ["PLACEHOLDER_CHARS", "HashJob", "Opener", "placeholder", "sha256_of"]
+
 Opener = Callable[[Path], "int | None"]  # a descriptor on the file to hash (closed after), or None: open by path
 
 PLACEHOLDER_CHARS = "xyzw"  # not hex digits: a placeholder can never be mistaken for (or collide with) a digest

@@ -11,6 +11,8 @@ from typing import Any
 
 from mmsurgery.errors import BadInputError
 
+__all__ = ["MAX_DEPTH", "UNWRAP_KEYS", "WRAPPER_PREFIXES", "Unwrapped", "strip_prefixes", "unwrap"]
+
 # Documented precedence (docs/formats.md): EMA weights first, as timm's `load_state_dict(use_ema=True)` does,
 # then the plain training wrappers, then DINOv2's EMA `teacher`, then other common names.
 UNWRAP_KEYS: tuple[str, ...] = (

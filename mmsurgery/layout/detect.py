@@ -24,6 +24,8 @@ from mmsurgery.layout.families import (
     containers,
 )
 
+__all__ = ["BY_SHAPE", "Block", "Layout", "Linear", "Stack", "choose_stack", "default_stack", "detect"]
+
 BY_SHAPE = "by-shape"  # the family name reported when names said nothing and shapes decided
 # A block index has at most 9 digits: a longer run of digits is part of a name, not a block (and `int()` of
 # thousands of digits would raise).

@@ -13,6 +13,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+__all__ = [
+    "DECODER_MARKER",
+    "EMA_MARKER",
+    "FAMILIES",
+    "GATED_ROLE",
+    "NORM_PLACEMENTS",
+    "ORIENTATIONS",
+    "PAIRABLE_ROLES",
+    "ROLES",
+    "Family",
+    "containers",
+    "family",
+    "validate",
+]
+
 PAIRABLE_ROLES: tuple[str, ...] = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 GATED_ROLE = "mlp_gated"
 ROLES: tuple[str, ...] = (*PAIRABLE_ROLES, GATED_ROLE)

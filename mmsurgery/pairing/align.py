@@ -18,6 +18,8 @@ from mmsurgery.paired_format import SCALE_MODES, scale_shape
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
 from mmsurgery.pairing.transforms import Transform
 
+__all__ = ["DEFAULT_ROLES", "DEPTH_POLICIES", "SELECTABLE_ROLES", "align", "depth_map"]
+
 DEPTH_POLICIES = ("stretch", "first", "last", "index")
 DEFAULT_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_out")  # the paper's four; "qkv" means q/k/v on a split target
 SELECTABLE_ROLES = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")

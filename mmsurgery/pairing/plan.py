@@ -9,6 +9,8 @@ from typing import Any
 from mmsurgery.paired_format import aux_key, scale_key
 from mmsurgery.pairing.transforms import Transform
 
+__all__ = ["SCHEMA", "Pair", "Plan", "Skip", "Source", "module_path"]
+
 SCHEMA = "mmsurgery.plan/1"
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from mmsurgery.checkpoint.dtypes import ITEMSIZE
 
+__all__ = ["OPS", "Transform"]
+
 OPS = ("copy", "cat_qkv", "chunk_qkv")
 
 
