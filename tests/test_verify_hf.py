@@ -186,7 +186,7 @@ def test_text_model_passes_with_token_ids_and_attention_mask(tmp_path_factory, t
 def test_example_inputs_come_from_the_config(vit) -> None:
     """Token ids in [0, vocab_size), a length within max_position_embeddings, a right-padded mask with one full
     row; pixel values of the config's image size. Seeded: the same seed gives the same batch."""
-    from mmsurgery.verify.arch import load_arch
+    from mmsurgery.verify.archs import load_arch
 
     arch = load_arch("hf", checkpoints=[vit.plain])
     model = arch.build({}, {})
@@ -215,7 +215,7 @@ def test_example_inputs_come_from_the_config(vit) -> None:
 def test_uninitialised_build_keeps_non_persistent_buffers(tmp_path) -> None:
     """verify builds HF models without initialising weights (it loads every tensor); buffers outside the state dict
     (BERT's position_ids) must still be right, which the meta device + to_empty would not give."""
-    from mmsurgery.verify.arch import load_arch
+    from mmsurgery.verify.archs import load_arch
 
     bert = _bert().eval()
     bert.save_pretrained(tmp_path)
@@ -232,7 +232,7 @@ def test_uninitialised_build_keeps_non_persistent_buffers(tmp_path) -> None:
 def test_tied_weights_may_be_absent_as_save_pretrained_writes_them(tmp_path) -> None:
     """GPT-2 ties lm_head to the token embedding and save_pretrained leaves lm_head.weight out: the keys stage does
     not expect it and the load ties it."""
-    from mmsurgery.verify.arch import load_arch
+    from mmsurgery.verify.archs import load_arch
 
     cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=24)
     gpt2 = transformers.GPT2LMHeadModel(cfg).eval()

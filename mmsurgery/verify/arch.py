@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -23,7 +22,7 @@ from mmsurgery.errors import BadInputError, one_line
 from mmsurgery.hf import to_model_names
 from mmsurgery.models.vit import VisionTransformer, ViTConfig, config_from_state_dict, inferred_fields
 
-__all__ = ["Arch", "Example", "FactoryArch", "VitArch", "load_arch"]
+__all__ = ["Arch", "Example", "FactoryArch", "VitArch", "factory_arch"]
 
 ExampleInput = Callable[[int, torch.Generator], Tensor]
 Example = Tensor | tuple[Tensor, ...]  # one batch: the forward's positional tensors
@@ -192,21 +191,9 @@ class FactoryArch(Arch):
         return x
 
 
-def load_arch(
-    spec: str, num_heads: int | None = None, *, checkpoints: Sequence[str | os.PathLike[str] | None] = ()
-) -> Arch:
-    """`"vit"` → the built-in ViT; `"hf"` → the Hugging Face model of the `config.json` in the folder of the first of
-    `checkpoints` (PLAIN, then PAIRED) that has one; `"package.module:factory"` (attribute path allowed after the
-    colon) → that factory. Anything else, or a factory that cannot be imported, raises `BadInputError`."""
-    if spec == "vit":
-        return VitArch(num_heads)
-    if num_heads is not None:
-        raise BadInputError(f"--heads applies to the built-in --arch vit only; --arch {spec} knows its own head count")
-    if spec == "hf":
-        from mmsurgery.verify.hf_arch import HfArch, find_config
-
-        config = find_config(checkpoints)  # before importing transformers: a missing config is a quick exit 2
-        return HfArch(config)
+def factory_arch(spec: str) -> FactoryArch:
+    """`"package.module:factory"` (an attribute path allowed after the colon) → that factory; one that cannot be
+    imported, is missing or is not callable raises `BadInputError`."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise BadInputError(f"--arch {spec!r}: use 'vit', 'hf' or 'package.module:factory'")

@@ -28,7 +28,7 @@ from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.hf import to_disk_names, to_model_names
 from mmsurgery.paired_format import PairedCheckpoint, is_pathway_key
-from mmsurgery.verify import onnx_stage
+from mmsurgery.verify import onnx_backend
 from mmsurgery.verify.arch import Arch
 from mmsurgery.verify.compare import Tolerance, flatten_outputs, tolerances_for
 from mmsurgery.verify.inputs import make_inputs
@@ -144,7 +144,7 @@ class RunContext:
         self.unfolded_outputs: Outputs | None = None  # the fold stage's: the onnx stage's reference
         self.graph: Graph | None = None
         self.graph_skip = "no --onnx given"
-        self.session: onnx_stage.OrtRunner | None = None
+        self.session: onnx_backend.OrtRunner | None = None
         self.reference_graph: Path | None = None
         self.built: list[str] = []  # which models were built, in order (for tests of the memory rule)
 
@@ -242,14 +242,14 @@ class RunContext:
                 opset=opset,
                 input_names=inputs,
                 output_names=outputs,
-                max_batch=onnx_stage.MAX_BATCH,
+                max_batch=onnx_backend.MAX_BATCH,
             )
             state = runnable.state_dict()
             found = cache.bind(key, state, path)
             if found.hit:
                 return path, "hit"
             log.info("export cache: %s", found.reason)
-        onnx_stage.export(runnable, example, path, opset=opset, input_names=inputs, output_names=outputs)
+        onnx_backend.export(runnable, example, path, opset=opset, input_names=inputs, output_names=outputs)
         if cache is None:
             return path, None
         stored = cache.store(key, path, runnable.state_dict())

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmsurgery.verify import onnx_stage
+from mmsurgery.verify import onnx_backend
 from mmsurgery.verify.inputs import first_rows
-from mmsurgery.verify.onnx_stage import GraphSummary
+from mmsurgery.verify.onnx_backend import GraphSummary
 from mmsurgery.verify.report import StageResult
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def run(ctx: RunContext) -> CostResult:
     note = arch.reference_note
     graph_skip = ctx.graph_skip if ctx.options.onnx is not None else "no --onnx given"
     if ctx.graph is not None:
-        summary = onnx_stage.summarize_graph(ctx.graph.path)
+        summary = onnx_backend.summarize_graph(ctx.graph.path)
         if ctx.graph.exported and arch.same_graph(plain, reference):
             # Exporting the reference would trace the same code with the same config and weights again (~half
             # of a gate's time): its graph is PLAIN's. A given graph is always compared with a fresh export.
@@ -74,7 +74,7 @@ def run(ctx: RunContext) -> CostResult:
         else:
             path = ctx.tmp / "reference.onnx"
             ctx.reference_graph, _ = ctx.export(arch.runnable(reference), path, arch.describe(reference))
-            graphs = (summary, onnx_stage.summarize_graph(ctx.reference_graph))
+            graphs = (summary, onnx_backend.summarize_graph(ctx.reference_graph))
     return cost_result(
         params=(count_params(plain), count_params(reference)),
         flops=flops,

@@ -34,8 +34,9 @@ from mmsurgery.paired_format import (
     metadata_json,
     open_paired,
 )
-from mmsurgery.verify import cost, fold_stage, keys, latency, memory, onnx_stage, preflight, weights
-from mmsurgery.verify.arch import Arch, load_arch
+from mmsurgery.verify import cost, fold_stage, keys, latency, memory, onnx_backend, onnx_stage, preflight, weights
+from mmsurgery.verify.arch import Arch
+from mmsurgery.verify.archs import load_arch
 from mmsurgery.verify.context import NEEDS, STAGES, Options, PlainDoesNotLoad, RunContext
 from mmsurgery.verify.inputs import check_onnx_option, parse_batch_sizes, read_inputs
 from mmsurgery.verify.report import Report, StageResult, error_line, skipped
@@ -210,7 +211,7 @@ def verify(
         have = limit if limit is not None else memory.available_bytes()
         if have is not None:
             memory.check_fits(need, have)
-        preloading = onnx_stage.preload() if "onnx" in chosen else None
+        preloading = onnx_backend.preload() if "onnx" in chosen else None
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmsurgery-verify-")))
         ctx = RunContext(options=options, plain=plain_ck, paired=paired, tmp=tmp)
         results = _run_stages(ctx, chosen, asked is not None, preloading)
@@ -220,7 +221,7 @@ def verify(
 
     versions = {"mmsurgery": __version__, "torch": torch.__version__, "python": platform.python_version()}
     if "onnx" in chosen:
-        versions |= onnx_stage.versions()
+        versions |= onnx_backend.versions()
     report_inputs: dict[str, Any] = {
         "plain": str(plain),
         "against": str(against) if against is not None else None,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mmsurgery.checkpoint import open_checkpoint
 from mmsurgery.errors import BadInputError
-from mmsurgery.verify import onnx_stage
+from mmsurgery.verify import onnx_backend
 from mmsurgery.verify.arch import Arch, Example
 
 __all__ = ["as_args", "check_onnx_option", "first_rows", "make_inputs", "parse_batch_sizes", "read_inputs"]
@@ -31,9 +31,9 @@ def parse_batch_sizes(value: Sequence[int] | str) -> tuple[int, ...]:
     else:
         sizes = [int(v) for v in value]
     sizes = list(dict.fromkeys(sizes))
-    if len(sizes) < 2 or any(not 1 <= b <= onnx_stage.MAX_BATCH for b in sizes):
+    if len(sizes) < 2 or any(not 1 <= b <= onnx_backend.MAX_BATCH for b in sizes):
         raise BadInputError(
-            f"--batch-sizes {value!r}: give at least two distinct batch sizes between 1 and {onnx_stage.MAX_BATCH}"
+            f"--batch-sizes {value!r}: give at least two distinct batch sizes between 1 and {onnx_backend.MAX_BATCH}"
         )
     return tuple(sizes)
 
@@ -51,7 +51,7 @@ def check_onnx_option(onnx: str | os.PathLike[str] | bool | None) -> Path | bool
     if path.exists():
         if not path.is_file():
             raise BadInputError(f"--onnx {path}: not a file")
-        onnx_stage.probe_onnx_file(path)
+        onnx_backend.probe_onnx_file(path)
     elif not path.parent.is_dir():
         raise BadInputError(f"--onnx {path}: folder {path.parent} does not exist")
     return path

@@ -33,7 +33,7 @@ class LatencyResult(StageResult):
 
 def run(ctx: RunContext) -> LatencyResult:
     """PLAIN's ORT session (the onnx stage's) against the reference graph's, at the first batch size."""
-    from mmsurgery.verify.onnx_stage import OrtRunner
+    from mmsurgery.verify.onnx_backend import OrtRunner
 
     plain, graph, o = ctx.session, ctx.reference_graph, ctx.options
     assert plain is not None and graph is not None
