@@ -124,6 +124,19 @@ def test_pair_refuses_an_aux_that_only_its_metadata_marks_paired(ws, tmp_path: P
     refused(mmsurgery("pair", ws.t, marked, "--dry-run"), f"{marked}: AUX is already paired", "'paired/1'")
 
 
+def test_pair_refuses_the_target_as_its_own_auxiliary(ws, tmp_path: Path) -> None:
+    """`pair t t`, also through a symlink: a model paired with itself would get W + λ·W."""
+    link = tmp_path / "same.safetensors"
+    link.symlink_to(ws.t)
+    for aux in (ws.t, link):
+        out = tmp_path / "out.safetensors"
+        refused(mmsurgery("pair", ws.t, aux, "-o", out), f"{aux}: AUX is the target itself")
+        assert not out.exists()
+    copy = tmp_path / "copy.safetensors"  # another file with the same bytes is another model file: pairs
+    copy.write_bytes(Path(ws.t).read_bytes())
+    assert mmsurgery("pair", ws.t, ws.a, copy, "--dry-run").returncode == 0
+
+
 def test_pair_takes_a_folded_checkpoint_as_an_auxiliary(ws, tmp_path: Path) -> None:
     """A folded file (folded/1, no pathway tensors) is a plain model: pairing with it is fine."""
     r = mmsurgery("pair", ws.t, ws.plain, "-o", tmp_path / "ok.safetensors", "-q")

@@ -121,6 +121,24 @@ def _refuse_paired(ck: Checkpoint, role: str) -> None:
     raise PairingError(f"{ck.path}: {role} is already paired ({why}); {fix}")
 
 
+def _refuse_itself(target: Checkpoint, aux: Checkpoint, role: str) -> None:
+    """The target named again as an auxiliary (the same file, through any path or link): the pathway would add the
+    target's own weights to themselves, which no auxiliary modality brings."""
+    same = [f for f in aux.files if any(_same_file(f, g) for g in target.files)]
+    if same:
+        raise PairingError(
+            f"{aux.path}: {role} is the target itself ({same[0]} is one of TARGET's files); give an auxiliary model "
+            "of another modality"
+        )
+
+
+def _same_file(a: os.PathLike[str], b: os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def pair(
     target: str | os.PathLike[str],
     aux: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -170,7 +188,9 @@ def pair(
         auxes = [stack.enter_context(open_checkpoint(a, key=k)) for a, k in zip(aux_paths, keys, strict=True)]
         _refuse_paired(t, "TARGET")
         for k, a in enumerate(auxes):
-            _refuse_paired(a, f"auxiliary model {k + 1}" if n > 1 else "AUX")
+            role = f"auxiliary model {k + 1}" if n > 1 else "AUX"
+            _refuse_paired(a, role)
+            _refuse_itself(t, a, role)
         common: dict[str, Any] = dict(roles=roles, target_stack=target_stack, strict=strict, scale=scale)
 
         def options(k: int) -> dict[str, Any]:
