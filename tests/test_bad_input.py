@@ -369,6 +369,26 @@ def test_fold_refuses_an_integer_weight_naming_it(ws, tmp_path: Path, which: str
         refused(mmsurgery("verify", ws.plain, "--against", bad, "--stages", "weights"), f"{name}: int32")
 
 
+@pytest.mark.parametrize("side", ["t", "a"])
+def test_pair_skips_an_integer_linear_fold_would_refuse(ws, tmp_path: Path, side: str) -> None:
+    """A quantized (int8) target or auxiliary linear gets no pathway: the skip is reported with its dtype, and
+    `--strict` makes it an error, instead of a paired file that fold refuses later."""
+    name = "blocks.1.mlp.fc1.weight"
+    state = load_file(getattr(ws, side))
+    state[name] = (state[name] * 100).to(torch.int8)
+    bad = tmp_path / f"{side}-int8.safetensors"
+    save_file(state, bad)
+    args = (bad, ws.a) if side == "t" else (ws.t, bad)
+    out = tmp_path / "p.safetensors"
+    r = mmsurgery("pair", *args, "-o", out, "--heads", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    skips = json.loads(r.stdout)["skips"]
+    assert [s["target"] for s in skips] == ["blocks.1.mlp.fc1.weight"]
+    assert "int8: not floating point" in skips[0]["reason"]
+    assert mmsurgery("fold", out, "-o", tmp_path / "plain.safetensors", "-q").returncode == 0  # the rest folds
+    refused(mmsurgery("pair", *args, "--dry-run", "--strict", "--heads", "2"), "int8: not floating point")
+
+
 def test_a_duplicated_weight_map_key_is_refused(ws, tmp_path: Path) -> None:
     """`json.loads` keeps the last of two equal keys: the first shard named for a tensor would be ignored."""
     folder = tmp_path / "sh"

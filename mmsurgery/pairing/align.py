@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.pins import check_regular
 from mmsurgery.checkpoint.reader import Checkpoint
@@ -208,6 +209,10 @@ def align(
             if got != lin.shape:
                 skip(_mismatch(lin, got, t_conv), keys, got)
                 continue
+            integral = _not_floating(target, (lin.key,)) or _not_floating(aux, keys)
+            if integral:  # fold would refuse W + λ·W_aux here (a quantized or index tensor, not a linear's weight)
+                skip(f"{integral}: not floating point; a pathway W + λ·W_aux needs floating W and W_aux", keys, got)
+                continue
             lam = scale_shape(scale, lin.shape, fused_qkv=lin.role == "qkv", conv1d=t_conv)
             pairs.append(
                 Pair(lin.key, lin.shape, block.index, lin.role, keys, aux_block_index, transform, aux_index, lam)
@@ -233,6 +238,15 @@ def align(
         s = skips[0]
         raise PairingError(f"--strict: {len(skips)} linear(s) skipped, first {s.target_key}: {s.reason}")
     return plan
+
+
+def _not_floating(ck: Checkpoint, keys: Sequence[str]) -> str | None:
+    """`key dtype` of the first of `keys` whose tensor is not floating point, else None (headers only)."""
+    for key in keys:
+        info = ck.infos.get(key)
+        if info is not None and info.dtype not in FLOATING:
+            return f"{key} {info.dtype}"
+    return None
 
 
 def _mismatch(lin: Linear, got: tuple[int, ...], conv1d: bool) -> str:
