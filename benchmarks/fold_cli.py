@@ -3,7 +3,7 @@ was written by mmsurgery's own writer, by `safetensors.torch.save_file` and by `
 against issue 13's floor and the interpreter's start-up, interleaved, with per-round spread (issue 22, item 11).
 
     .venv/bin/python benchmarks/fold_cli.py [--size vit_l] [--rounds 7] [--inputs writer,save_file,save_pretrained]
-        [--no-sync] [--replace] [--out rows.jsonl] [--dir /tmp/mmsurgery-bench] [--clean]
+        [--no-sync] [--replace] [--out rows.jsonl] [--dir DIR (default: <tempdir>/mmsurgery-bench)] [--clean]
 
 Inputs, built once under `--dir`/fold-cli-<size>/ (in a child process) and reused while `build.json` matches;
 `--size tiny` is for smoke tests:

@@ -30,8 +30,8 @@ killed) is recorded as such with its wall and peak RSS, and its failed stages ar
 over rounds with the per-round min–max, and each median over the `--before` one's; `--out` writes every raw row
 as a JSON line.
 
-    .venv/bin/python benchmarks/verify.py [--sizes vit_s,vit_b] [--repeats 3] [--before /tmp/mmsurgery-before]
-        [--cache] [--extra-args "..."] [--out rows.jsonl] [--timeout S] [--dir /tmp/mmsurgery-bench]
+    .venv/bin/python benchmarks/verify.py [--sizes vit_s,vit_b] [--repeats 3] [--before ../mmsurgery-before]
+        [--cache] [--extra-args "..."] [--out rows.jsonl] [--timeout S] [--dir DIR (default: <tempdir>/mmsurgery-bench)]
 """
 
 from __future__ import annotations
