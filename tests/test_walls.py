@@ -96,15 +96,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-# The one circle left, through an import inside a function: checkpoint/dcp.py borrows reader.py's private loader
-# and reader.py opens DCP folders through it. Issue 23 (formats behind a registry) removes it; then empty this.
-KNOWN_CIRCLES = [["mmsurgery.checkpoint.dcp", "mmsurgery.checkpoint.reader"]]
-
-
 def test_no_import_circle_among_the_modules() -> None:
     """Imports run one way (docs/architecture.md), counting imports inside functions: a circle means a shared
-    piece lacks its own module (`verify/archs.py` removed the arch ↔ hf_arch one)."""
-    assert _cycles(_imports()) == KNOWN_CIRCLES
+    piece lacks its own module (`verify/archs.py` removed the arch ↔ hf_arch one, `checkpoint/loaded.py` the
+    reader ↔ dcp one)."""
+    assert _cycles(_imports()) == []
 
 
 def test_the_cycle_finder_sees_a_circle() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from mmsurgery.checkpoint.dcp_metadata import METADATA_NAME, DcpChunk, DcpLayout, DcpTensor, _brief, parse_metadata
+from mmsurgery.checkpoint.loaded import Checkpoint, PinnedLoader, TensorInfo, naming
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
 from mmsurgery.checkpoint.pins import Pin, Pins, check_regular, not_regular, os_error
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo, _naming, _PinnedLoader
 from mmsurgery.errors import BadInputError
 
 __all__ = ["DCP_FORMAT", "SUFFIX", "is_dcp_folder", "open_dcp"]
@@ -146,8 +146,8 @@ def _model_names(folder: Path, layout: DcpLayout, key: str | None) -> _Names:
         if path[-1] in node:
             raise BadInputError(f"{folder}: {METADATA_NAME}: two entries at {_brief('/'.join(path))}")
         node[path[-1]] = value
-    u = _naming(folder, unwrap, nested, key)
-    tensors = _naming(folder, strip_prefixes, u.tensors)
+    u = naming(folder, unwrap, nested, key)
+    tensors = naming(folder, strip_prefixes, u.tensors)
     return _Names({n: key_of[id(v)] for n, v in tensors.items()}, u.path, u.alternatives, u.ignored)
 
 
@@ -222,7 +222,7 @@ class _Slice(io.RawIOBase):
         return self._pos
 
 
-class _DcpLoader(_PinnedLoader):
+class _DcpLoader(PinnedLoader):
     def __init__(self, folder: Path, tensors: dict[str, DcpTensor], pins: _FilePins) -> None:
         self._folder = folder
         self._tensors = tensors

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
-from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE, torch_dtype_name
+from mmsurgery.checkpoint import dcp
+from mmsurgery.checkpoint.dtypes import torch_dtype_name
+from mmsurgery.checkpoint.loaded import Checkpoint, Loader, PinnedLoader, TensorInfo, naming
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
 from mmsurgery.checkpoint.pins import Pins, check_regular, os_error, pread_into
 from mmsurgery.checkpoint.safetensors_header import MAX_TENSORS, decode_floats
@@ -31,176 +31,13 @@ __all__ = [
     "open_checkpoint",
 ]
 
-T = TypeVar("T")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 MAX_INDEX_BYTES = 100_000_000  # a shard index is kilobytes; this only bounds what a damaged one can cost
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-class Checkpoint:
-    """A read-only, lazy name → tensor view of a checkpoint file or sharded set.
-
-    Names are normalised: the wrapper was unwrapped (`unwrap_path`) and `module.` / `_orig_mod.` stripped.
-
-    `folder` is the folder the checkpoint occupies, where no output may go (`publish.refuse_overlap`): the folder
-    it was opened as, or the one holding a sharded set's or a DCP checkpoint's files; None for a file named
-    directly (an output beside it is fine).
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        fmt: str,
-        files: list[Path],
-        infos: dict[str, TensorInfo],
-        metadata: dict[str, str],
-        loader: _Loader,
-        unwrap_path: tuple[str, ...] = (),
-        alternatives: tuple[str, ...] = (),
-        ignored: dict[str, str] | None = None,
-    ) -> None:
-        self.path = path
-        self.format = fmt
-        self.files = files
-        self.infos = infos
-        self.metadata = metadata
-        self.unwrap_path = unwrap_path
-        self.alternatives = alternatives
-        self.ignored = ignored or {}
-        self._loader = loader
-        self.folder: Path | None = None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.infos
-
-    def __len__(self) -> int:
-        return len(self.infos)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.infos)
-
-    def keys(self) -> list[str]:
-        return list(self.infos)
-
-    def info(self, name: str) -> TensorInfo:
-        return self.infos[name]
-
-    def get(self, name: str) -> Any:
-        """The tensor `name` (a torch.Tensor, possibly memory-mapped: never modify it in place)."""
-        if name not in self.infos:
-            raise KeyError(name)
-        return self._loader.get(name)
-
-    def read_into(self, name: str, buf: Any) -> Any:
-        """The tensor `name` read into `buf` (a 1-D uint8 tensor of at least its size, owned by the caller and
-        reused across calls so a streamed command touches no fresh memory per tensor): a view of `buf` with the
-        tensor's dtype and shape, valid until `buf` is written again."""
-        if name not in self.infos:
-            raise KeyError(name)
-        info = self.infos[name]
-        n = info.numel * ITEMSIZE[info.dtype]
-        if buf.numel() < n:
-            raise ValueError(f"{name}: a {n}-byte tensor does not fit a {buf.numel()}-byte buffer")
-        return self._loader.read_into(name, buf[:n])
-
-    def read_floats(self, name: str) -> list[float]:
-        """Values of a small floating-point tensor (λ), without importing torch for safetensors files."""
-        if name not in self.infos:
-            raise KeyError(name)
-        return self._loader.read_floats(name)
-
-    def items(self) -> Iterator[tuple[str, Any]]:
-        """Tensors one at a time, in file order, so a caller can stream a model without holding it whole."""
-        for name in self.infos:
-            yield name, self._loader.get(name)
-
-    def to_state_dict(self) -> dict[str, Any]:
-        return dict(self.items())
-
-    @property
-    def file_size(self) -> int:
-        """Bytes of the files as they were opened (a file replaced since is not the one described)."""
-        sizes = [self._loader.pinned_size(f) for f in self.files]
-        return sum(f.stat().st_size if n is None else n for f, n in zip(self.files, sizes, strict=True))
-
-    @property
-    def num_params(self) -> int:
-        """Elements of floating-point tensors (integer buffers such as `position_ids` are not parameters)."""
-        return sum(i.numel for i in self.infos.values() if i.dtype in FLOATING)
-
-    def open_pinned(self, file: Path) -> int | None:
-        """A new descriptor (the caller closes it) on the very file this checkpoint read `file` from, so that
-        hashing it for provenance reads the same bytes even if the path was replaced since; None for formats
-        that were read whole at open (pickles), which the caller then opens by path."""
-        return self._loader.open_pinned(file)
-
-    def close(self) -> None:
-        self._loader.close()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _Loader:
-    def get(self, name: str) -> Any:
-        raise NotImplementedError
-
-    def read_into(self, name: str, buf: Any) -> Any:
-        """`get(name)` copied into `buf` (exactly its size, uint8), returned as a typed view of it."""
-        t = self.get(name)
-        view = buf.view(t.dtype).reshape(t.shape)
-        view.copy_(t)
-        return view
-
-    def read_floats(self, name: str) -> list[float]:
-        return [float(v) for v in self.get(name).double().reshape(-1).tolist()]  # exact for every float dtype
-
-    def pinned_size(self, file: Path) -> int | None:
-        """The size of `file` when it was opened, where the loader holds it open; None otherwise."""
-        return None
-
-    def open_pinned(self, file: Path) -> int | None:
-        """A new descriptor on the very file the loader holds open (the caller closes it); None otherwise."""
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-class _PinnedLoader(_Loader):
-    """A loader whose files `Pins` holds open from `open_checkpoint` to `close`."""
-
-    _pins: Pins
-
-    def pinned_size(self, file: Path) -> int | None:
-        return self._pins.size(file)
-
-    def open_pinned(self, file: Path) -> int | None:
-        return self._pins.dup(file)
-
-    def close(self) -> None:
-        self._pins.close()
-
-
-class _SafetensorsLoader(_PinnedLoader):
+class _SafetensorsLoader(PinnedLoader):
     """Reads each tensor with `pread` into a fresh, owned buffer, at the offsets the validated header gives.
 
     Not memory-mapped on purpose: a streamed command's resident memory stays near the tensors it holds (mapped
@@ -249,7 +86,7 @@ class _SafetensorsLoader(_PinnedLoader):
             raise BadInputError(f"{file}: tensor {name!r}: {e}") from None
 
 
-class _DictLoader(_Loader):
+class _DictLoader(Loader):
     def __init__(self, tensors: dict[str, Any]) -> None:
         self._tensors = tensors
 
@@ -296,8 +133,6 @@ def _open(p: Path, key: str | None) -> Checkpoint:
     if not p.exists():
         raise BadInputError(f"{p}: no such file or folder")
     if p.is_dir() or p.name == ".metadata":  # a torch.distributed.checkpoint folder, or its metadata file
-        from mmsurgery.checkpoint import dcp
-
         folder = p if p.is_dir() else p.parent
         if dcp.is_dcp_folder(folder):
             return dcp.open_dcp(folder, key)
@@ -345,7 +180,7 @@ def _open_safetensors(p: Path) -> Checkpoint:
     try:
         header = pins.open(p)
         names = list(header.entries)
-        stripped = _naming(p, strip_prefixes, {n: n for n in names})
+        stripped = naming(p, strip_prefixes, {n: n for n in names})
         infos = {short: _info(short, header.entries[raw]) for short, raw in stripped.items()}
         source = {short: (p, raw) for short, raw in stripped.items()}
         loader = _SafetensorsLoader(source, {p: header}, pins)
@@ -369,7 +204,7 @@ def _open_sharded(index: Path, key: str | None) -> Checkpoint:
         merged: dict[str, Any] = {}
         contents: dict[Path, list[str]] = {}
         for f in files:
-            tensors = _naming(f, unwrap, _load_pickle(f), key).tensors
+            tensors = naming(f, unwrap, _load_pickle(f), key).tensors
             contents[f] = list(tensors)
             merged.update(tensors)
         _check_shards(index, weight_map, contents)
@@ -382,7 +217,7 @@ def _open_sharded(index: Path, key: str | None) -> Checkpoint:
         for header in headers.values():
             metadata.update(header.metadata)
         source = {raw: (f, raw) for f, header in headers.items() for raw in header.entries}  # file order
-        stripped = _naming(index, strip_prefixes, {n: n for n in source})
+        stripped = naming(index, strip_prefixes, {n: n for n in source})
         infos = {short: _info(short, headers[source[raw][0]].entries[raw]) for short, raw in stripped.items()}
         source = {short: source[raw] for short, raw in stripped.items()}
         loader = _SafetensorsLoader(source, headers, pins)
@@ -478,7 +313,7 @@ def _load_pickle(path: Path) -> Any:
 
 
 def _open_pickle(p: Path, key: str | None) -> Checkpoint:
-    u = _naming(p, unwrap, _load_pickle(p), key)
+    u = naming(p, unwrap, _load_pickle(p), key)
     return _from_tensors(p, "torch-pickle", [p], u.tensors, u.path, u.alternatives, u.ignored)
 
 
@@ -491,14 +326,6 @@ def _from_tensors(
     alternatives: tuple[str, ...],
     ignored: dict[str, str],
 ) -> Checkpoint:
-    tensors = _naming(p, strip_prefixes, tensors)
+    tensors = naming(p, strip_prefixes, tensors)
     infos = {n: TensorInfo(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
     return Checkpoint(p, fmt, files, infos, {}, _DictLoader(tensors), path, alternatives, ignored)
-
-
-def _naming(path: Path, normalize: Callable[..., T], *args: Any) -> T:
-    """Run a normalisation pass (pure, so it knows no file) and name the file in any error it raises."""
-    try:
-        return normalize(*args)
-    except BadInputError as e:
-        raise type(e)(f"{path}: {e}") from None
