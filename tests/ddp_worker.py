@@ -7,6 +7,7 @@ and a target weight are bit-identical across ranks. Exits non-zero on failure; p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -70,4 +71,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Every check ran and the group is destroyed; leave without interpreter finalization, where gloo's worker
+    # threads can still abort the process ("terminate called without an active exception", SIGABRT, seen
+    # twice in CI after both ranks had printed their OK line; pytorch/pytorch#190489, #179291).
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
