@@ -25,17 +25,15 @@ from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight
 from mmsurgery.hf import output_for
 from mmsurgery.paired_format import (
-    FOLDED_FORMAT,
-    FORMAT_KEY,
-    SCALES_KEY,
     SOURCE_KEY,
-    VERSION_KEY,
     LayerScales,
     PairedCheckpoint,
     aux_key,
+    folded_metadata,
     open_paired,
     paired_view,
     scale_key,
+    weight_key,
 )
 
 __all__ = ["DTYPES", "FoldBuffers", "FoldResult", "PlainTensors", "default_output", "fold_file", "plain_tensors"]
@@ -92,7 +90,7 @@ class PlainTensors:
         self.layers = list(paired.pathways)
         self.scales = paired.scales
         self.dtype = dtype
-        self._folded = {f"{p}.weight": spec for p, spec in paired.pathways.items()}
+        self._folded = {weight_key(p): spec for p, spec in paired.pathways.items()}
         infos = paired.ck.infos
         self.specs = [self._spec(infos[k]) for k in paired.plain_keys]
 
@@ -176,7 +174,7 @@ def _check_floating(paired: PairedCheckpoint) -> None:
     `W + λ·W_aux` cast back to an integer W would be silently truncated (`foldmath.fold_weight` refuses it too)."""
     infos = paired.ck.infos
     for p, spec in paired.pathways.items():
-        for name in (f"{p}.weight" if p else "weight", *(aux_key(p, k) for k in range(spec.num_aux))):
+        for name in (weight_key(p), *(aux_key(p, k) for k in range(spec.num_aux))):
             dtype = infos[name].dtype
             if dtype not in FLOATING:
                 raise FoldError(
@@ -237,16 +235,8 @@ def fold_file(
         if not source.layers:
             digest = hashing.result() if hashing is not None else None
             return FoldResult(source=ck.path, output=None, scales={}, num_tensors=len(ck), sha256=digest, written=None)
-        metadata = {k: v for k, v in ck.metadata.items() if k != FORMAT_KEY}
-        metadata |= {
-            "format": "pt",  # torch tensors, as transformers writes it; readers that check it expect "pt"
-            FORMAT_KEY: FOLDED_FORMAT,
-            VERSION_KEY: __version__,
-            SCALES_KEY: json.dumps(source.scales, separators=(",", ":")),
-        }
-        metadata.pop(SOURCE_KEY, None)  # never carry over a digest that is not of this input
-        if hashing is not None:
-            metadata[SOURCE_KEY] = hashing.placeholder
+        scales = json.dumps(source.scales, separators=(",", ":"))
+        metadata = folded_metadata(ck.metadata, scales=scales, version=__version__, source_digest=hashing is not None)
         default = default_output(ck.path)
         dest, extra_files = output_for(out, paired, default, ".plain", replaces=".paired", occupied=ck.folder)
         with SafetensorsWriter(
@@ -264,7 +254,7 @@ def fold_file(
                 for s in source.specs:
                     w.write(s.name, source.tensor(s.name, buffers))
             digest = hashing.result() if hashing is not None else None
-            written = w.commit(patch={hashing.placeholder: digest} if hashing is not None else None)
+            written = w.commit(patch={SOURCE_KEY: digest} if digest is not None else None)
         output = written.path.parent if extra_files is not None else written.path
         return FoldResult(
             source=ck.path,

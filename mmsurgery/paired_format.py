@@ -32,21 +32,28 @@ from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
 from mmsurgery.errors import BadInputError, FoldError
 
 __all__ = [
+    "AUX_SHA256_KEY",
     "AUX_SUFFIX",
+    "DEFAULT_ROLES",
+    "DIGEST_CHARS",
     "FOLDED_FORMAT",
     "FOLDED_KIND",
     "FORMAT_KEY",
     "INIT_SCALE_KEY",
     "MAX_METADATA_JSON",
     "MAX_VERSION_DIGITS",
+    "PAIRABLE_ROLES",
     "PAIRED_FORMAT",
     "PAIRED_KIND",
+    "PENDING_DIGEST",
     "PLAN_KEY",
+    "PLAN_SCHEMA",
     "SCALES_KEY",
     "SCALE_MODES",
     "SCALE_MODE_KEY",
     "SCALE_SUFFIX",
     "SOURCE_KEY",
+    "TARGET_SHA256_KEY",
     "VERSION_KEY",
     "VIT_INFERRED",
     "VIT_KEY",
@@ -55,19 +62,24 @@ __all__ = [
     "PathwayKey",
     "PathwaySpec",
     "aux_key",
+    "aux_sha256_key",
     "aux_suffix",
     "block_view",
     "check_format",
     "checkpoint_pathways",
     "find_pathways",
+    "folded_metadata",
     "group_pathway_keys",
     "is_pathway_key",
     "metadata_json",
+    "module_of",
     "open_paired",
     "paired_format",
+    "paired_metadata",
     "paired_view",
     "parse_key",
     "plan_key",
+    "provenance_keys",
     "read_scales",
     "scale_entry",
     "scale_key",
@@ -77,6 +89,7 @@ __all__ = [
     "scale_suffix",
     "scale_values",
     "split_paired",
+    "weight_key",
 ]
 
 # ---- key names ----------------------------------------------------------------------------------------------
@@ -146,6 +159,25 @@ def split_paired(state: Mapping[str, V]) -> tuple[dict[str, V], dict[str, V]]:
     return plain, pathway
 
 
+# ---- a linear's own names ----------------------------------------------------------------------------------
+def weight_key(module: str) -> str:
+    """The weight tensor of the linear at module path `module`: `P` -> `P.weight` (`weight` at the top level)."""
+    return f"{module}.weight" if module else "weight"
+
+
+def module_of(weight: str) -> str:
+    """The module that carries a pathway, from its weight's key: `blocks.0.attn.qkv.weight` -> `blocks.0.attn.qkv`
+    (the inverse of `weight_key`)."""
+    return "" if weight == "weight" else weight.removesuffix(".weight")
+
+
+# The roles a linear plays in a block, as plans record them (`pairs[].role`): the four of the paper (q/k/v fused
+# or split, attention output, MLP in and out). `qkv` asked for on a split target covers q, k and v.
+PAIRABLE_ROLES: tuple[str, ...] = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+DEFAULT_ROLES: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")
+PLAN_SCHEMA = "mmsurgery.plan/1"  # the plan's JSON (`mmsurgery.plan[.k]`, `pair --json`)
+
+
 # ---- metadata -----------------------------------------------------------------------------------------------
 FORMAT_KEY = "mmsurgery.format"  # "paired/1", "paired/2" or "folded/1"
 VERSION_KEY = "mmsurgery.version"  # the mmsurgery that wrote the file
@@ -156,6 +188,10 @@ INIT_SCALE_KEY = "mmsurgery.init_scale"
 SCALE_MODE_KEY = "mmsurgery.scale_mode"  # written only when it is not per-linear
 SCALES_KEY = "mmsurgery.scales"  # folded files: λ per layer (JSON)
 SOURCE_KEY = "mmsurgery.source_sha256"  # folded files: sha256 of the paired input
+TARGET_SHA256_KEY = "mmsurgery.target_sha256"  # paired (and folded) files: sha256 of the target pair read
+AUX_SHA256_KEY = "mmsurgery.aux_sha256"  # ... and of auxiliary 0 (mmsurgery.aux_sha256.k for auxiliary k)
+DIGEST_CHARS = 64  # a provenance value: 64 lowercase hex digits, written as PENDING_DIGEST first
+PENDING_DIGEST = "-" * DIGEST_CHARS  # the fixed-width stand-in a writer patches by key; never a digest
 PAIRED_FORMAT = "paired/1"  # one auxiliary, λ one value per linear: M2PT's own layout
 PAIRED_FORMAT_2 = "paired/2"  # several auxiliaries, or λ per qkv chunk / per channel
 FOLDED_FORMAT = "folded/1"
@@ -167,6 +203,71 @@ _FORMAT = re.compile(rf"([a-z][a-z0-9_.-]{{0,31}})/([1-9][0-9]{{0,{MAX_VERSION_D
 
 def plan_key(k: int = 0) -> str:
     return PLAN_KEY if k == 0 else f"{PLAN_KEY}.{k}"
+
+
+def aux_sha256_key(k: int = 0) -> str:
+    return AUX_SHA256_KEY if k == 0 else f"{AUX_SHA256_KEY}.{k}"
+
+
+def provenance_keys(num_aux: int) -> list[str]:
+    """The metadata keys that record the inputs' sha256: the target's, then each auxiliary's."""
+    return [TARGET_SHA256_KEY, *(aux_sha256_key(k) for k in range(num_aux))]
+
+
+def paired_metadata(
+    target_metadata: Mapping[str, str],
+    *,
+    plans: Sequence[str],
+    scale_mode: str,
+    init_scale: float,
+    vit: str | None,
+    version: str,
+    digests: bool,
+) -> dict[str, str]:
+    """The metadata of a paired file, in writing order: the target's own keys (not `mmsurgery.*`), `format: pt`,
+    `mmsurgery.format` and `.version`, one plan per auxiliary (`plans`, their JSON), `init_scale`, `scale_mode`
+    (when not per-linear), `vit` (when the target is a ViT) and, with `digests`, one `PENDING_DIGEST` per input
+    under `provenance_keys`, which the writer patches by key once the hashes are done (`PENDING_DIGEST` is never
+    published)."""
+    metadata = {k: v for k, v in target_metadata.items() if not k.startswith("mmsurgery.")}
+    metadata["format"] = "pt"  # torch tensors, as transformers writes it; readers that check it expect "pt"
+    metadata |= {FORMAT_KEY: paired_format(len(plans), scale_mode), VERSION_KEY: version}
+    metadata |= {plan_key(k): plan for k, plan in enumerate(plans)}
+    metadata[INIT_SCALE_KEY] = repr(float(init_scale))
+    if scale_mode != "per-linear":
+        metadata[SCALE_MODE_KEY] = scale_mode
+    if vit is not None:
+        metadata[VIT_KEY] = vit
+    if digests:
+        metadata |= dict.fromkeys(provenance_keys(len(plans)), PENDING_DIGEST)
+    return metadata
+
+
+def _carried(key: str) -> bool:
+    """What a folded file keeps of its paired input's `mmsurgery.*` metadata: plans, the ViT config, provenance."""
+    return (
+        key in (PLAN_KEY, VIT_KEY, TARGET_SHA256_KEY, AUX_SHA256_KEY)
+        or key.startswith((f"{PLAN_KEY}.", f"{AUX_SHA256_KEY}."))
+        or not key.startswith("mmsurgery.")
+    )
+
+
+def folded_metadata(paired: Mapping[str, str], *, scales: str, version: str, source_digest: bool) -> dict[str, str]:
+    """The metadata of a folded file: what docs/formats.md documents for it and nothing else. From the paired
+    input: its non-`mmsurgery` keys, plans, `mmsurgery.vit` and input digests; new: `format: pt`,
+    `mmsurgery.format: folded/1`, `.version`, `.scales` (λ per layer, JSON) and, with `source_digest`, a
+    `PENDING_DIGEST` under `SOURCE_KEY` for the writer to patch with the paired input's sha256. A digest the
+    input carried under `SOURCE_KEY` is never carried over (it is not of this input)."""
+    metadata = {k: v for k, v in paired.items() if _carried(k)}
+    metadata |= {
+        "format": "pt",
+        FORMAT_KEY: FOLDED_FORMAT,
+        VERSION_KEY: version,
+        SCALES_KEY: scales,
+    }
+    if source_digest:
+        metadata[SOURCE_KEY] = PENDING_DIGEST
+    return metadata
 
 
 def paired_format(num_aux: int, scale_mode: str) -> str:
@@ -330,7 +431,7 @@ def find_pathways(shapes: Mapping[str, Sequence[int]], where: object = "checkpoi
     specs: dict[str, PathwaySpec] = {}
     for module, per_aux in group_pathway_keys(shapes).items():
         label = module or "(top level)"
-        weight = shapes.get(f"{module}.weight" if module else "weight")
+        weight = shapes.get(weight_key(module))
         indices = sorted(per_aux)
         if indices != list(range(len(indices))):
             problems.append(f"{label}: auxiliaries numbered {indices}; expected 0..{len(indices) - 1} with no gap")

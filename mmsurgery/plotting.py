@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mmsurgery.describe import Description
 from mmsurgery.errors import BadInputError
-from mmsurgery.paired_format import scale_means
+from mmsurgery.paired_format import module_of, scale_means
 
 __all__ = ["plot_scales"]
 
@@ -23,7 +23,7 @@ def plot_scales(d: Description, path: Path) -> Path:
     except ImportError:
         raise BadInputError("--plot needs matplotlib: pip install 'mmsurgery[plot]'") from None
     linears = [lin for s in d.stacks for b in s.blocks for lin in b.linears]  # block order, then role order
-    roles = {lin.key.removesuffix(".weight"): lin.role for lin in linears}
+    roles = {module_of(lin.key): lin.role for lin in linears}
     order = list(roles)
     names = sorted(d.scales, key=lambda n: order.index(n) if n in order else len(order))
     kinds = [roles.get(n, "other") for n in names]

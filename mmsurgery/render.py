@@ -11,7 +11,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from mmsurgery.paired_format import scale_means
+from mmsurgery.paired_format import PAIRABLE_ROLES, module_of, scale_means
 
 # Types only: importing mmsurgery.verify or mmsurgery.fold loads torch, and `inspect` on a safetensors file must
 # not (tests/test_cli_inspect.py runs the console script and checks).
@@ -230,7 +230,7 @@ def plan(
     table = Table(show_edge=False)
     for col in ("target layer", "aux layer", "transform", "shape", "status"):
         table.add_column(col)
-    roles = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")
+    roles = PAIRABLE_ROLES
     rows = sorted(
         [
             (
@@ -289,20 +289,14 @@ def scale_chart(d: Description, width: int = 12) -> Table:
     num_aux = max((len(m) for m in means.values()), default=1)
     peak = max((abs(x) for m in means.values() for x in m), default=0.0) or 1.0
     width = max(4, width // num_aux)
-    where = {
-        lin.key.removesuffix(".weight"): (b.prefix, lin.role) for s in d.stacks for b in s.blocks for lin in b.linears
-    }
+    where = {module_of(lin.key): (b.prefix, lin.role) for s in d.stacks for b in s.blocks for lin in b.linears}
     order = [b.prefix for s in d.stacks for b in s.blocks]
     cells: dict[str, dict[tuple[str, int], tuple[float, bool]]] = {}
     for layer, values in means.items():
         block, role = where.get(layer, (layer, "λ"))
         for k, v in enumerate(values):
             cells.setdefault(block, {})[(role, k)] = (v, finer[layer][k])
-    roles = [
-        r
-        for r in ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "λ")
-        if any((r, 0) in c for c in cells.values())
-    ]
+    roles = [r for r in (*PAIRABLE_ROLES, "λ") if any((r, 0) in c for c in cells.values())]
     columns = [(r, k) for k in range(num_aux) for r in roles]
     what = f"{len(scales)} pathways" + (f" × {num_aux} auxiliaries" if num_aux > 1 else "")
     table = Table(

@@ -32,7 +32,8 @@ from torch.distributed.checkpoint.metadata import (
 from mmsurgery.checkpoint import open_checkpoint
 from mmsurgery.checkpoint.hashing import sha256_of
 from mmsurgery.errors import BadInputError, UnsafeCheckpointError
-from mmsurgery.fold import SOURCE_KEY, fold_file
+from mmsurgery.fold import fold_file
+from mmsurgery.paired_format import SOURCE_KEY
 
 SCRIPT = Path(sys.executable).with_name("mmsurgery")
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from mmsurgery import __version__
 from mmsurgery.checkpoint import open_checkpoint
-from mmsurgery.fold import FOLDED_FORMAT, SCALES_KEY, SOURCE_KEY, fold_file, plain_tensors
+from mmsurgery.fold import fold_file, plain_tensors
 from mmsurgery.models.vit import VisionTransformer, ViTConfig
-from mmsurgery.paired_format import FORMAT_KEY, VERSION_KEY
+from mmsurgery.paired_format import FOLDED_FORMAT, FORMAT_KEY, SCALES_KEY, SOURCE_KEY, VERSION_KEY
 from mmsurgery.pairing import pair
 
 CFG = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)

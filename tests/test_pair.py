@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,8 +72,13 @@ def test_vit_small_from_real_minilm_fused_from_split(tmp_path, minilm_path) -> N
         meta = f.metadata()
     plan = json.loads(meta["mmsurgery.plan"])
     assert plan["aux"]["family"] == "bert" and plan["paired"] == 48
-    assert plan["aux"]["sha256"] == hashlib.sha256(minilm_path.read_bytes()).hexdigest()  # patched in at commit
-    assert res.plan.aux.sha256 == plan["aux"]["sha256"]
+    # Provenance in its own fixed-width keys, patched by key at commit; the plan in the file holds no digest
+    # (never a placeholder), the plan pair returns holds the same digests.
+    assert meta["mmsurgery.aux_sha256"] == hashlib.sha256(minilm_path.read_bytes()).hexdigest()
+    assert meta["mmsurgery.target_sha256"] == hashlib.sha256(Path(res.plan.target.path).read_bytes()).hexdigest()
+    assert plan["aux"]["sha256"] is None and plan["target"]["sha256"] is None
+    assert res.plan.aux.sha256 == meta["mmsurgery.aux_sha256"]
+    assert res.plan.target.sha256 == meta["mmsurgery.target_sha256"]
     assert json.loads(meta["mmsurgery.vit"])["num_heads"] == 6  # the head-dim-64 rule for width 384
     assert any("post-norm" in w for w in plan["warnings"])
     assert any("several target blocks" in w for w in plan["warnings"])  # 12 <- 6: each aux block used twice

@@ -12,11 +12,9 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["PLACEHOLDER_CHARS", "HashJob", "Opener", "placeholder", "sha256_of"]
+__all__ = ["HashJob", "Opener", "sha256_of"]
 
 Opener = Callable[[Path], "int | None"]  # a descriptor on the file to hash (closed after), or None: open by path
-
-PLACEHOLDER_CHARS = "xyzw"  # not hex digits: a placeholder can never be mistaken for (or collide with) a digest
 
 
 def sha256_of(files: Sequence[Path], opener: Opener | None = None) -> str:
@@ -41,19 +39,10 @@ def sha256_of(files: Sequence[Path], opener: Opener | None = None) -> str:
     return hashlib.sha256("".join(f"{n} {d}\n" for n, d in sorted(digests)).encode()).hexdigest()
 
 
-def placeholder(slot: int) -> str:
-    """64 characters that are not hex digits, different for every slot (slots 0-3: one letter repeated)."""
-    char = PLACEHOLDER_CHARS[slot % len(PLACEHOLDER_CHARS)]
-    if slot < len(PLACEHOLDER_CHARS):
-        return char * 64
-    return char * 56 + f"{slot:08d}".translate(str.maketrans("0123456789", "ghijklmnop"))
-
-
 class HashJob:
-    """`sha256_of(files)` running in a daemon thread; `placeholder` is a same-length stand-in for the digest."""
+    """`sha256_of(files)` running in a daemon thread; `result()` waits for it."""
 
-    def __init__(self, files: Sequence[Path], slot: int = 0, opener: Opener | None = None) -> None:
-        self.placeholder = placeholder(slot)
+    def __init__(self, files: Sequence[Path], opener: Opener | None = None) -> None:
         self._result: str | None = None
         self._error: BaseException | None = None
         self._opener = opener

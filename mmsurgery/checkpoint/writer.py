@@ -249,8 +249,9 @@ class SafetensorsWriter:
             self._on_progress(self._done, self._total)
 
     def commit(self, patch: Mapping[str, str] | None = None) -> WriteResult:
-        """Publish the output. `patch` replaces placeholder strings in the metadata (each with a string of the
-        same length, e.g. a digest computed while the tensors streamed) before anything is published."""
+        """Publish the output. `patch` sets metadata keys written with a fixed-width stand-in to their values
+        (each the same length as what it replaces: a digest computed while the tensors streamed) before anything
+        is published; the header keeps its length, so no tensor moves."""
         if self._pos != len(self._order):
             raise ValueError(f"{len(self._order) - self._pos} tensor(s) were never written")
         try:
@@ -305,13 +306,11 @@ class SafetensorsWriter:
         self._work = None
 
     def _patch_headers(self, patch: Mapping[str, str]) -> None:
-        for old, new in patch.items():
-            if len(old) != len(new):
-                raise ValueError(f"a metadata patch must keep the length: {old!r} -> {new!r}")
-        for k, v in self.metadata.items():
-            for old, new in patch.items():
-                v = v.replace(old, new)
-            self.metadata[k] = v
+        for key, new in patch.items():
+            old = self.metadata.get(key)
+            if old is None or len(old) != len(new):
+                raise ValueError(f"a metadata patch must set a written key to a value of its length: {key!r}")
+            self.metadata[key] = new
         for shard, temp in enumerate(self._temps):
             header = _header(self._groups[shard], self.metadata)
             with open(temp, "r+b") as f:

@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mmsurgery.paired_format import PAIRABLE_ROLES  # the roles plans record: the contract names them
+
 __all__ = [
     "DECODER_MARKER",
     "EMA_MARKER",
@@ -28,7 +30,6 @@ __all__ = [
     "validate",
 ]
 
-PAIRABLE_ROLES: tuple[str, ...] = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 GATED_ROLE = "mlp_gated"
 ROLES: tuple[str, ...] = (*PAIRABLE_ROLES, GATED_ROLE)
 NORM_PLACEMENTS = ("pre", "post", "unknown")

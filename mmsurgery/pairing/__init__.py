@@ -199,17 +199,10 @@ def pair(
         if dry_run:
             plans = _common([align(t, a, **options(k)) for k, a in enumerate(auxes)], strict)
             return PairResult(plans[0], None, None, tuple(plans), vit=vit_metadata(t, heads))
-        jobs = [HashJob(t.files, 0, t.open_pinned)]  # hashed on the other core while tensors stream
-        jobs += [HashJob(a.files, k + 1, a.open_pinned) for k, a in enumerate(auxes)]
-        plans = _common(
-            [
-                align(t, a, digests=(jobs[0].placeholder, jobs[k + 1].placeholder), **options(k))
-                for k, a in enumerate(auxes)
-            ],
-            strict,
-        )
+        jobs = [HashJob(t.files, t.open_pinned)]  # hashed on the other core while tensors stream
+        jobs += [HashJob(a.files, a.open_pinned) for a in auxes]
+        plans = _common([align(t, a, hash_inputs=False, **options(k)) for k, a in enumerate(auxes)], strict)
         dest, extra_files = output_for(out, target, default_output(t.path), ".paired", occupied=t.folder)
-        digests = {job.placeholder: job for job in jobs}
         written = write_paired(
             plans,
             t,
@@ -219,7 +212,7 @@ def pair(
             heads=heads,
             force=force,
             shard_size=shard_size,
-            digests=digests,
+            digests=jobs,
             extra_files=extra_files,
             on_progress=on_progress,
         )

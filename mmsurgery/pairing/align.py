@@ -15,15 +15,13 @@ from mmsurgery.checkpoint.pins import check_regular
 from mmsurgery.checkpoint.reader import Checkpoint
 from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.layout.detect import Block, Linear, Stack, choose_stack, detect
-from mmsurgery.paired_format import SCALE_MODES, scale_shape
+from mmsurgery.paired_format import DEFAULT_ROLES, PAIRABLE_ROLES, SCALE_MODES, module_of, scale_shape, weight_key
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
 from mmsurgery.pairing.transforms import Transform
 
-__all__ = ["DEFAULT_ROLES", "DEPTH_POLICIES", "SELECTABLE_ROLES", "align", "depth_map"]
+__all__ = ["DEFAULT_ROLES", "DEPTH_POLICIES", "align", "depth_map"]
 
 DEPTH_POLICIES = ("stretch", "first", "last", "index")
-DEFAULT_ROLES = ("qkv", "attn_out", "mlp_in", "mlp_out")  # the paper's four; "qkv" means q/k/v on a split target
-SELECTABLE_ROLES = ("qkv", "q", "k", "v", "attn_out", "mlp_in", "mlp_out")
 _QKV_PART = {"q": 0, "k": 1, "v": 2}
 
 
@@ -47,15 +45,15 @@ def depth_map(target_depth: int, aux_depth: int, policy: str) -> list[int | None
     raise PairingError(f"unknown depth policy {policy!r}; choose one of {', '.join(DEPTH_POLICIES)}")
 
 
-def _source(ck: Checkpoint, stack: Stack, digest: str) -> Source:
+def _source(ck: Checkpoint, stack: Stack, digest: str | None) -> Source:
     return Source(str(ck.path), digest, ck.format, stack.prefix, stack.family, stack.depth, stack.width)
 
 
 def _expand_roles(roles: Sequence[str] | None) -> tuple[str, ...]:
     chosen = tuple(roles) if roles else DEFAULT_ROLES
-    bad = [r for r in chosen if r not in SELECTABLE_ROLES]
+    bad = [r for r in chosen if r not in PAIRABLE_ROLES]
     if bad:
-        raise PairingError(f"unknown layer role(s) {bad}; choose from {', '.join(SELECTABLE_ROLES)}")
+        raise PairingError(f"unknown layer role(s) {bad}; choose from {', '.join(PAIRABLE_ROLES)}")
     return chosen
 
 
@@ -128,23 +126,26 @@ def align(
     aux_stack: str | None = None,
     strict: bool = False,
     digests: tuple[str, str] | None = None,
+    hash_inputs: bool = True,
     aux_index: int = 0,
     scale: str = "per-linear",
 ) -> Plan:
     """Pair each target block linear of the chosen roles with its auxiliary counterpart.
 
     Width mismatches are skipped and reported; `strict` turns any skip into a `PairingError`; nothing paired at
-    all is always a `PairingError`. `digests` are the inputs' sha256 (or placeholders the writer patches);
-    by default both files are hashed here, in parallel. `map_file` ({"blocks": {"i": j|null}, "linears": {target_key: aux_key |
+    all is always a `PairingError`. `digests` are the inputs' sha256 when the caller has them; otherwise both
+    files are hashed here, in parallel, unless `hash_inputs=False` leaves the plan's digests out (`pair` hashes
+    while it writes and records them under their own metadata keys: `paired_format.provenance_keys`). `map_file` ({"blocks": {"i": j|null}, "linears": {target_key: aux_key |
     [q, k, v] | null}}) overrides the depth policy and individual pairings. `aux_index` numbers this auxiliary
     among several paired into one file (its keys: `paired_format.aux_key`); `scale` is λ's granularity
     (`paired_format.scale_shape`: per-linear, per-qkv, per-channel).
     """
     if scale not in SCALE_MODES:
         raise BadInputError(f"--scale {scale!r}: choose one of {', '.join(SCALE_MODES)}")
-    if digests is None:
-        jobs = HashJob(target.files, 0, target.open_pinned), HashJob(aux.files, 1, aux.open_pinned)
-        digests = jobs[0].result(), jobs[1].result()
+    known: tuple[str | None, str | None] = (None, None) if digests is None else digests
+    if digests is None and hash_inputs:
+        jobs = HashJob(target.files, target.open_pinned), HashJob(aux.files, aux.open_pinned)
+        known = jobs[0].result(), jobs[1].result()
     wanted = _expand_roles(roles)
     t_stack = choose_stack(detect(target.infos), target_stack, what=f"target {target.path}")
     a_stack = choose_stack(detect(aux.infos), aux_stack, what=f"aux {aux.path}")
@@ -181,7 +182,7 @@ def align(
             def skip(reason: str, keys: tuple[str, ...] = (), shape: tuple[int, ...] | None = None) -> None:
                 skips.append(Skip(lin.key, lin.shape, block.index, lin.role, keys, shape, reason))  # noqa: B023
 
-            if not lin.key.endswith(".weight"):
+            if weight_key(module_of(lin.key)) != lin.key:
                 skip("not a module's .weight (e.g. nn.MultiheadAttention in_proj_weight): the pathway cannot attach")
                 continue
             if explicit:
@@ -219,8 +220,8 @@ def align(
             )
 
     plan = Plan(
-        target=_source(target, t_stack, digests[0]),
-        aux=_source(aux, a_stack, digests[1]),
+        target=_source(target, t_stack, known[0]),
+        aux=_source(aux, a_stack, known[1]),
         depth_policy="map" if overrides.get("blocks") else depth,
         depth_map=tuple(dmap),
         roles=wanted,

@@ -23,16 +23,7 @@ from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError
 from mmsurgery.hf import CONFIG_NAME
-from mmsurgery.paired_format import (
-    FORMAT_KEY,
-    INIT_SCALE_KEY,
-    SCALE_MODE_KEY,
-    VERSION_KEY,
-    VIT_INFERRED,
-    VIT_KEY,
-    paired_format,
-    plan_key,
-)
+from mmsurgery.paired_format import VIT_INFERRED, VIT_KEY, paired_metadata, provenance_keys
 from mmsurgery.pairing.plan import Plan
 
 __all__ = ["PairedWrite", "VitRecord", "default_output", "vit_metadata", "write_paired"]
@@ -146,13 +137,14 @@ def write_paired(
     heads: int | None = None,
     force: bool = False,
     shard_size: int | str | None = None,
-    digests: Mapping[str, HashJob] | None = None,
+    digests: Sequence[HashJob] | None = None,
     extra_files: Mapping[str, Path] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PairedWrite:
     """Stream the paired checkpoint to `out`: the target's tensors, then per auxiliary (one plan and one
-    checkpoint each, in order) its `aux_weight` and `cross_modal_scale` per paired linear. `digests` maps
-    placeholders in the plans to the hash jobs whose results replace them in the header at commit; `extra_files`
+    checkpoint each, in order) its `aux_weight` and `cross_modal_scale` per paired linear. `digests` are the hash
+    jobs of the inputs (the target's, then each auxiliary's) whose results go under `provenance_keys` in the
+    header at commit; `extra_files`
     (a folder output's other files, such as a model folder's `config.json`) are published with it."""
     import torch
 
@@ -167,17 +159,18 @@ def write_paired(
             dtype = target.infos[p.target_key].dtype
             specs.append(TensorInfo(p.aux_weight_key, dtype, p.target_shape))
             specs.append(TensorInfo(p.scale_key, "float32", p.scale_shape))  # λ stays float32, as the pathway keeps it
-    mode = plans[0].scale_mode
-    metadata = {k: v for k, v in target.metadata.items() if not k.startswith("mmsurgery.")}
-    metadata["format"] = "pt"  # torch tensors, as transformers writes it; readers that check it expect "pt"
-    metadata |= {FORMAT_KEY: paired_format(len(plans), mode), VERSION_KEY: __version__}
-    metadata |= {plan_key(k): pl.dumps() for k, pl in enumerate(plans)}
-    metadata[INIT_SCALE_KEY] = repr(float(init_scale))
-    if mode != "per-linear":
-        metadata[SCALE_MODE_KEY] = mode
+    if digests is not None and len(digests) != 1 + len(plans):
+        raise ValueError(f"{len(digests)} hash jobs for a target and {len(plans)} auxiliaries")
     vit = vit_metadata(target, heads)
-    if vit is not None:
-        metadata[VIT_KEY] = vit.to_metadata()
+    metadata = paired_metadata(
+        target.metadata,
+        plans=[pl.dumps() for pl in plans],
+        scale_mode=plans[0].scale_mode,
+        init_scale=init_scale,
+        vit=vit.to_metadata() if vit is not None else None,
+        version=__version__,
+        digests=digests is not None,
+    )
     inputs = [target.path, *target.files, *(f for a in auxes for f in (a.path, *a.files))]  # an index is an input too
     inputs += [c.folder for c in (target, *auxes) if c.folder is not None]  # and a folder: no output goes inside
     with SafetensorsWriter(
@@ -204,8 +197,8 @@ def write_paired(
                 dtype = target.infos[p.target_key].dtype  # from the header: no second read
                 w.write(p.aux_weight_key, p.transform.read(a, p.aux_keys, dtype, buf))
                 w.write(p.scale_key, torch.full(p.scale_shape, float(init_scale), dtype=torch.float32))
-        patch = {ph: job.result() for ph, job in (digests or {}).items()}
+        patch = (
+            dict(zip(provenance_keys(len(plans)), (job.result() for job in digests), strict=True)) if digests else {}
+        )
         result = w.commit(patch=patch)
-        for ph, digest in patch.items():
-            metadata = {k: v.replace(ph, digest) for k, v in metadata.items()}
-        return PairedWrite(result, metadata, vit=vit)
+        return PairedWrite(result, metadata | patch, vit=vit)

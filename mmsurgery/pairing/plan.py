@@ -6,23 +6,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mmsurgery.paired_format import aux_key, scale_key
+from mmsurgery.paired_format import PLAN_SCHEMA, aux_key, module_of, scale_key
 from mmsurgery.pairing.transforms import Transform
 
-__all__ = ["SCHEMA", "Pair", "Plan", "Skip", "Source", "module_path"]
-
-SCHEMA = "mmsurgery.plan/1"
-
-
-def module_path(weight_key: str) -> str:
-    """`blocks.0.attn.qkv.weight` -> `blocks.0.attn.qkv` (the module that carries the pathway)."""
-    return weight_key.removesuffix(".weight")
+__all__ = ["Pair", "Plan", "Skip", "Source"]
 
 
 @dataclass(frozen=True)
 class Source:
     path: str
-    sha256: str
+    sha256: str | None  # None in a paired file's plan: the digests are in their own keys (provenance_keys)
     format: str
     stack: str
     family: str
@@ -47,7 +40,7 @@ class Pair:
 
     @property
     def module(self) -> str:
-        return module_path(self.target_key)
+        return module_of(self.target_key)
 
     @property
     def aux_weight_key(self) -> str:
@@ -135,7 +128,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return (
             {
-                "schema": SCHEMA,
+                "schema": PLAN_SCHEMA,
                 "target": self.target.to_json(),
                 "aux": self.aux.to_json(),
                 "depth_policy": self.depth_policy,
