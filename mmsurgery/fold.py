@@ -28,11 +28,11 @@ from mmsurgery.paired_format import (
     SOURCE_KEY,
     LayerScales,
     PairedCheckpoint,
-    aux_key,
+    aux_weight_key,
+    cross_modal_scale_key,
     folded_metadata,
     open_paired,
     paired_view,
-    scale_key,
     weight_key,
 )
 
@@ -113,14 +113,14 @@ class PlainTensors:
             t = self.ck.get(name) if buffers is None else self.ck.read_into(name, buffers.a)
         else:
             p, n = spec.module, spec.num_aux
-            lam = [self.ck.get(scale_key(p, k)) for k in range(n)]
+            lam = [self.ck.get(cross_modal_scale_key(p, k)) for k in range(n)]
             if buffers is None:
                 t = self.ck.get(name)
-                t = fold_weight(t, lam, [self.ck.get(aux_key(p, k)) for k in range(n)], name=p)
+                t = fold_weight(t, lam, [self.ck.get(aux_weight_key(p, k)) for k in range(n)], name=p)
             else:
                 t = self.ck.read_into(name, buffers.a)
-                first = self.ck.read_into(aux_key(p), buffers.b)
-                auxes = [first, *(self.ck.get(aux_key(p, k)) for k in range(1, n))]
+                first = self.ck.read_into(aux_weight_key(p), buffers.b)
+                auxes = [first, *(self.ck.get(aux_weight_key(p, k)) for k in range(1, n))]
                 out = first if first.dtype == torch.float32 and first.shape == t.shape else None
                 t = fold_weight(t, lam, auxes, name=p, out=out)
         if self.dtype != "keep" and t.is_floating_point():
@@ -174,7 +174,7 @@ def _check_floating(paired: PairedCheckpoint) -> None:
     `W + λ·W_aux` cast back to an integer W would be silently truncated (`foldmath.fold_weight` refuses it too)."""
     infos = paired.ck.infos
     for p, spec in paired.pathways.items():
-        for name in (weight_key(p), *(aux_key(p, k) for k in range(spec.num_aux))):
+        for name in (weight_key(p), *(aux_weight_key(p, k) for k in range(spec.num_aux))):
             dtype = infos[name].dtype
             if dtype not in FLOATING:
                 raise FoldError(

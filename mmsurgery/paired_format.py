@@ -61,12 +61,12 @@ __all__ = [
     "PairedCheckpoint",
     "PathwayKey",
     "PathwaySpec",
-    "aux_key",
     "aux_sha256_key",
     "aux_suffix",
+    "aux_weight_key",
     "block_view",
     "check_format",
-    "checkpoint_pathways",
+    "cross_modal_scale_key",
     "find_pathways",
     "folded_metadata",
     "group_pathway_keys",
@@ -74,7 +74,7 @@ __all__ = [
     "metadata_json",
     "module_of",
     "open_paired",
-    "paired_format",
+    "paired_format_value",
     "paired_metadata",
     "paired_view",
     "parse_key",
@@ -82,7 +82,6 @@ __all__ = [
     "provenance_keys",
     "read_scales",
     "scale_entry",
-    "scale_key",
     "scale_means",
     "scale_problem",
     "scale_shape",
@@ -106,12 +105,12 @@ def scale_suffix(k: int = 0) -> str:
     return SCALE_SUFFIX if k == 0 else f"{SCALE_SUFFIX}_{k}"
 
 
-def aux_key(module: str, k: int = 0) -> str:
+def aux_weight_key(module: str, k: int = 0) -> str:
     """`P.aux_weight` for the first auxiliary, `P.aux_weight_k` for the k-th (k ≥ 1, counted from 0)."""
     return f"{module}.{aux_suffix(k)}" if module else aux_suffix(k)
 
 
-def scale_key(module: str, k: int = 0) -> str:
+def cross_modal_scale_key(module: str, k: int = 0) -> str:
     return f"{module}.{scale_suffix(k)}" if module else scale_suffix(k)
 
 
@@ -231,7 +230,7 @@ def paired_metadata(
     published)."""
     metadata = {k: v for k, v in target_metadata.items() if not k.startswith("mmsurgery.")}
     metadata["format"] = "pt"  # torch tensors, as transformers writes it; readers that check it expect "pt"
-    metadata |= {FORMAT_KEY: paired_format(len(plans), scale_mode), VERSION_KEY: version}
+    metadata |= {FORMAT_KEY: paired_format_value(len(plans), scale_mode), VERSION_KEY: version}
     metadata |= {plan_key(k): plan for k, plan in enumerate(plans)}
     metadata[INIT_SCALE_KEY] = repr(float(init_scale))
     if scale_mode != "per-linear":
@@ -270,7 +269,7 @@ def folded_metadata(paired: Mapping[str, str], *, scales: str, version: str, sou
     return metadata
 
 
-def paired_format(num_aux: int, scale_mode: str) -> str:
+def paired_format_value(num_aux: int, scale_mode: str) -> str:
     """`paired/1` for what M2PT itself could load (one auxiliary, one λ per linear), else `paired/2`."""
     return PAIRED_FORMAT if num_aux == 1 and scale_mode == "per-linear" else PAIRED_FORMAT_2
 
@@ -420,7 +419,11 @@ class PathwaySpec:
 
     def tensor_keys(self) -> list[str]:
         """Every pathway tensor of this linear: aux then λ, per auxiliary."""
-        return [key for k in range(self.num_aux) for key in (aux_key(self.module, k), scale_key(self.module, k))]
+        return [
+            key
+            for k in range(self.num_aux)
+            for key in (aux_weight_key(self.module, k), cross_modal_scale_key(self.module, k))
+        ]
 
 
 def find_pathways(shapes: Mapping[str, Sequence[int]], where: object = "checkpoint") -> dict[str, PathwaySpec]:
@@ -458,7 +461,7 @@ def find_pathways(shapes: Mapping[str, Sequence[int]], where: object = "checkpoi
     return specs
 
 
-def checkpoint_pathways(ck: Checkpoint) -> dict[str, PathwaySpec]:
+def _checkpoint_pathways(ck: Checkpoint) -> dict[str, PathwaySpec]:
     """`find_pathways` of an open checkpoint, after `check_format` (λ not read: `paired_view` gives both)."""
     check_format(ck.metadata, ck.path)
     return find_pathways({k: i.shape for k, i in ck.infos.items()}, ck.path)
@@ -487,7 +490,8 @@ def scale_values(entry: LayerScales) -> list[float]:
 def read_scales(ck: Checkpoint, pathways: Mapping[str, PathwaySpec]) -> dict[str, LayerScales]:
     """λ of each pathway (`find_pathways`), read without torch from a safetensors file, as `scale_entry` gives it."""
     return {
-        p: scale_entry([ck.read_floats(scale_key(p, k)) for k in range(spec.num_aux)]) for p, spec in pathways.items()
+        p: scale_entry([ck.read_floats(cross_modal_scale_key(p, k)) for k in range(spec.num_aux)])
+        for p, spec in pathways.items()
     }
 
 
@@ -556,7 +560,7 @@ def paired_view(ck: Checkpoint) -> PairedCheckpoint:
     """`ck` as a paired checkpoint (see `PairedCheckpoint`); `ck` stays the caller's to close. Raises
     `BadInputError` for a newer format version and `FoldError` for inconsistent pathways, each in one line. λ is
     read without torch from a safetensors file."""
-    pathways = checkpoint_pathways(ck)
+    pathways = _checkpoint_pathways(ck)
     scales = read_scales(ck, pathways) if pathways else {}
     return PairedCheckpoint(ck=ck, pathways=pathways, scales=scales, format=ck.metadata.get(FORMAT_KEY))
 

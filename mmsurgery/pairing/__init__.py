@@ -149,8 +149,8 @@ def pair(
     map_file: str | os.PathLike[str] | Mapping[str, Any] | Sequence[Any] | None = None,
     target_stack: str | None = None,
     aux_stack: str | Sequence[str | None] | None = None,
-    target_key: str | None = None,
-    aux_key: str | Sequence[str | None] | None = None,
+    target_entry: str | None = None,
+    aux_entry: str | Sequence[str | None] | None = None,
     strict: bool = False,
     init_scale: float = 0.0,
     scale: str = "per-linear",
@@ -166,7 +166,7 @@ def pair(
     each tensor written.
 
     `aux` may be several auxiliary models: `W + Σₖ λₖ·W_auxₖ`, the k-th one's tensors named `P.aux_weight_k` and
-    `P.cross_modal_scale_k` (k ≥ 1; the first keeps M2PT's names). `depth`, `map_file`, `aux_stack` and `aux_key`
+    `P.cross_modal_scale_k` (k ≥ 1; the first keeps M2PT's names). `depth`, `map_file`, `aux_stack` and `aux_entry`
     take one value for all or one per auxiliary; only linears every auxiliary pairs get a pathway. `scale` is
     λ's granularity: `per-linear` (one value, the paper's code), `per-qkv` (one per q/k/v chunk of a fused qkv),
     `per-channel` (one per output channel).
@@ -182,9 +182,9 @@ def pair(
         raise BadInputError("pair needs at least one auxiliary model")
     n = len(aux_paths)
     depths, maps = _per_aux(depth, n, "--depth"), _per_aux(map_file, n, "--map")
-    stacks, keys = _per_aux(aux_stack, n, "--aux-stack"), _per_aux(aux_key, n, "--aux-key")
+    stacks, keys = _per_aux(aux_stack, n, "--aux-stack"), _per_aux(aux_entry, n, "--aux-key")
     with contextlib.ExitStack() as stack:
-        t = stack.enter_context(open_checkpoint(target, key=target_key))
+        t = stack.enter_context(open_checkpoint(target, key=target_entry))
         auxes = [stack.enter_context(open_checkpoint(a, key=k)) for a, k in zip(aux_paths, keys, strict=True)]
         _refuse_paired(t, "TARGET")
         for k, a in enumerate(auxes):

@@ -137,7 +137,7 @@ def align(
     files are hashed here, in parallel, unless `hash_inputs=False` leaves the plan's digests out (`pair` hashes
     while it writes and records them under their own metadata keys: `paired_format.provenance_keys`). `map_file` ({"blocks": {"i": j|null}, "linears": {target_key: aux_key |
     [q, k, v] | null}}) overrides the depth policy and individual pairings. `aux_index` numbers this auxiliary
-    among several paired into one file (its keys: `paired_format.aux_key`); `scale` is λ's granularity
+    among several paired into one file (its keys: `paired_format.aux_weight_key`); `scale` is λ's granularity
     (`paired_format.scale_shape`: per-linear, per-qkv, per-channel).
     """
     if scale not in SCALE_MODES:

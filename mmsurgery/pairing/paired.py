@@ -158,7 +158,9 @@ def write_paired(
         for p in pl.pairs:
             dtype = target.infos[p.target_key].dtype
             specs.append(TensorInfo(p.aux_weight_key, dtype, p.target_shape))
-            specs.append(TensorInfo(p.scale_key, "float32", p.scale_shape))  # λ stays float32, as the pathway keeps it
+            specs.append(
+                TensorInfo(p.cross_modal_scale_key, "float32", p.scale_shape)
+            )  # λ stays float32, as the pathway keeps it
     if digests is not None and len(digests) != 1 + len(plans):
         raise ValueError(f"{len(digests)} hash jobs for a target and {len(plans)} auxiliaries")
     vit = vit_metadata(target, heads)
@@ -196,7 +198,7 @@ def write_paired(
             for p in pl.pairs:
                 dtype = target.infos[p.target_key].dtype  # from the header: no second read
                 w.write(p.aux_weight_key, p.transform.read(a, p.aux_keys, dtype, buf))
-                w.write(p.scale_key, torch.full(p.scale_shape, float(init_scale), dtype=torch.float32))
+                w.write(p.cross_modal_scale_key, torch.full(p.scale_shape, float(init_scale), dtype=torch.float32))
         patch = (
             dict(zip(provenance_keys(len(plans)), (job.result() for job in digests), strict=True)) if digests else {}
         )

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mmsurgery.paired_format import PLAN_SCHEMA, aux_key, module_of, scale_key
+from mmsurgery.paired_format import PLAN_SCHEMA, aux_weight_key, cross_modal_scale_key, module_of
 from mmsurgery.pairing.transforms import Transform
 
 __all__ = ["Pair", "Plan", "Skip", "Source"]
@@ -44,11 +44,11 @@ class Pair:
 
     @property
     def aux_weight_key(self) -> str:
-        return aux_key(self.module, self.aux_index)
+        return aux_weight_key(self.module, self.aux_index)
 
     @property
-    def scale_key(self) -> str:
-        return scale_key(self.module, self.aux_index)
+    def cross_modal_scale_key(self) -> str:
+        return cross_modal_scale_key(self.module, self.aux_index)
 
     def to_json(self) -> dict[str, Any]:
         return (

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mmsurgery.errors import BadInputError
 from mmsurgery.hf import to_model_names
-from mmsurgery.paired_format import PairedCheckpoint, scale_key, scale_values
+from mmsurgery.paired_format import PairedCheckpoint, cross_modal_scale_key, scale_values
 from mmsurgery.pathway import attach, scales
 from mmsurgery.verify.compare import compare_batches, verdict
 from mmsurgery.verify.context import PlainDoesNotLoad, RunContext, forward, free_memory
@@ -41,7 +41,7 @@ class FoldStageResult(StageResult):
 
 def _load_scales(model: nn.Module, paired: PairedCheckpoint) -> None:
     """λ of every pathway from PAIRED into the attached model (under the model's names)."""
-    keys = [scale_key(p, k) for p, spec in paired.pathways.items() for k in range(spec.num_aux)]
+    keys = [cross_modal_scale_key(p, k) for p, spec in paired.pathways.items() for k in range(spec.num_aux)]
     named = to_model_names(model, {k: paired.ck.get(k) for k in keys})
     result = model.load_state_dict(named, strict=False)
     if result.unexpected_keys:
