@@ -83,13 +83,13 @@ def _common(plans: list[Plan], strict: bool = False) -> list[Plan]:
         dropped = [p for p in pl.pairs if p.target_key not in everywhere]
         skips = [
             Skip(
-                p.target_key,
-                p.target_shape,
-                p.target_block,
-                p.role,
-                p.aux_keys,
-                None,
-                why.get(p.target_key, "not paired by every auxiliary model"),
+                target_key=p.target_key,
+                target_shape=p.target_shape,
+                target_block=p.target_block,
+                role=p.role,
+                aux_keys=p.aux_keys,
+                aux_shape=None,
+                reason=why.get(p.target_key, "not paired by every auxiliary model"),
             )
             for p in dropped
         ]

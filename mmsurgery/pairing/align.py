@@ -46,7 +46,15 @@ def depth_map(target_depth: int, aux_depth: int, policy: str) -> list[int | None
 
 
 def _source(ck: Checkpoint, stack: Stack, digest: str | None) -> Source:
-    return Source(str(ck.path), digest, ck.format, stack.prefix, stack.family, stack.depth, stack.width)
+    return Source(
+        path=str(ck.path),
+        sha256=digest,
+        format=ck.format,
+        stack=stack.prefix,
+        family=stack.family,
+        depth=stack.depth,
+        width=stack.width,
+    )
 
 
 def _expand_roles(roles: Sequence[str] | None) -> tuple[str, ...]:
@@ -180,7 +188,17 @@ def align(
             aux_block = aux_blocks.get(j) if j is not None else None
 
             def skip(reason: str, keys: tuple[str, ...] = (), shape: tuple[int, ...] | None = None) -> None:
-                skips.append(Skip(lin.key, lin.shape, block.index, lin.role, keys, shape, reason))  # noqa: B023
+                skips.append(
+                    Skip(
+                        target_key=lin.key,  # noqa: B023
+                        target_shape=lin.shape,  # noqa: B023
+                        target_block=block.index,  # noqa: B023
+                        role=lin.role,  # noqa: B023
+                        aux_keys=keys,
+                        aux_shape=shape,
+                        reason=reason,
+                    )
+                )
 
             if weight_key(module_of(lin.key)) != lin.key:
                 skip("not a module's .weight (e.g. nn.MultiheadAttention in_proj_weight): the pathway cannot attach")
@@ -216,7 +234,17 @@ def align(
                 continue
             lam = scale_shape(scale, lin.shape, fused_qkv=lin.role == "qkv", conv1d=t_conv)
             pairs.append(
-                Pair(lin.key, lin.shape, block.index, lin.role, keys, aux_block_index, transform, aux_index, lam)
+                Pair(
+                    target_key=lin.key,
+                    target_shape=lin.shape,
+                    target_block=block.index,
+                    role=lin.role,
+                    aux_keys=keys,
+                    aux_block=aux_block_index,
+                    transform=transform,
+                    aux_index=aux_index,
+                    scale_shape=lam,
+                )
             )
 
     plan = Plan(

@@ -12,7 +12,7 @@ from mmsurgery.pairing.transforms import Transform
 __all__ = ["Pair", "Plan", "Skip", "Source"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Source:
     path: str
     sha256: str | None  # None in a paired file's plan: the digests are in their own keys (provenance_keys)
@@ -26,7 +26,7 @@ class Source:
         return dict(self.__dict__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Pair:
     target_key: str
     target_shape: tuple[int, ...]
@@ -69,19 +69,19 @@ class Pair:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Pair:
         return cls(
-            d["target"],
-            tuple(d["target_shape"]),
-            d["target_block"],
-            d["role"],
-            tuple(d["aux"]),
-            d["aux_block"],
-            Transform.from_json(d["transform_spec"]),
-            int(d.get("aux_index", 0)),
-            tuple(d.get("scale_shape", (1,))),
+            target_key=d["target"],
+            target_shape=tuple(d["target_shape"]),
+            target_block=d["target_block"],
+            role=d["role"],
+            aux_keys=tuple(d["aux"]),
+            aux_block=d["aux_block"],
+            transform=Transform.from_json(d["transform_spec"]),
+            aux_index=int(d.get("aux_index", 0)),
+            scale_shape=tuple(d.get("scale_shape", (1,))),
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Skip:
     target_key: str
     target_shape: tuple[int, ...]
@@ -103,7 +103,7 @@ class Skip:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     target: Source
     aux: Source
@@ -152,26 +152,26 @@ class Plan:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Plan:
         return cls(
-            Source(**d["target"]),
-            Source(**d["aux"]),
-            d["depth_policy"],
-            tuple(d["depth_map"]),
-            tuple(d["roles"]),
-            tuple(Pair.from_json(p) for p in d["pairs"]),
-            tuple(
+            target=Source(**d["target"]),
+            aux=Source(**d["aux"]),
+            depth_policy=d["depth_policy"],
+            depth_map=tuple(d["depth_map"]),
+            roles=tuple(d["roles"]),
+            pairs=tuple(Pair.from_json(p) for p in d["pairs"]),
+            skips=tuple(
                 Skip(
-                    s["target"],
-                    tuple(s["target_shape"]),
-                    s["target_block"],
-                    s["role"],
-                    tuple(s["aux"]),
-                    tuple(s["aux_shape"]) if s["aux_shape"] else None,
-                    s["reason"],
+                    target_key=s["target"],
+                    target_shape=tuple(s["target_shape"]),
+                    target_block=s["target_block"],
+                    role=s["role"],
+                    aux_keys=tuple(s["aux"]),
+                    aux_shape=tuple(s["aux_shape"]) if s["aux_shape"] else None,
+                    reason=s["reason"],
                 )
                 for s in d["skips"]
             ),
-            tuple(d.get("warnings", ())),
-            d.get("map_file"),
-            int(d.get("aux_index", 0)),
-            d.get("scale_mode", "per-linear"),
+            warnings=tuple(d.get("warnings", ())),
+            map_file=d.get("map_file"),
+            aux_index=int(d.get("aux_index", 0)),
+            scale_mode=d.get("scale_mode", "per-linear"),
         )
