@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mmsurgery.errors import FoldError
-from mmsurgery.paired_format import block_view, scale_problem
+from mmsurgery.paired_format import AUX_SUFFIX, SCALE_SUFFIX, block_view, scale_problem
 
 __all__ = ["all_finite", "effective_weight", "fold_weight"]
 
@@ -118,7 +118,7 @@ def fold_weight(
     """
     label = name or "layer"
     if scale is None or aux_weight is None:  # e.g. a missing key looked up with .get()
-        missing = "cross_modal_scale" if scale is None else "aux_weight"
+        missing = SCALE_SUFFIX if scale is None else AUX_SUFFIX
         raise FoldError(f"{label}: {missing} is missing; a pathway needs both aux_weight and cross_modal_scale")
     scales, auxes = _listed(scale), _listed(aux_weight)
     if len(scales) != len(auxes) or not scales:
@@ -128,7 +128,7 @@ def fold_weight(
             raise FoldError(f"{label}: a pathway needs both aux_weight and cross_modal_scale for every auxiliary")
         if weight.shape != a.shape:
             raise FoldError(f"{label}: aux_weight shape {list(a.shape)} != weight shape {list(weight.shape)}")
-        for what, t in (("weight", weight), ("aux_weight", a)):
+        for what, t in (("weight", weight), (AUX_SUFFIX, a)):
             if not t.is_floating_point():
                 raise FoldError(
                     f"{label}: {what} is {str(t.dtype).removeprefix('torch.')}, not floating point; W + λ·W_aux "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,103 @@ def test_no_import_circle_among_the_modules() -> None:
 
 def test_the_cycle_finder_sees_a_circle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """Every string constant of a module's code (f-string pieces included), docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def _family_key_names() -> set[str]:
+    """Literal key names the family table and the timm ViT's layout match: every role pattern without a group,
+    split at its alternatives (`attn.qkv.weight`, `attention.self.query.weight`, ...), and the timm ViT's
+    block linears and embeddings."""
+    from mmsurgery.layout.families import FAMILIES
+    from mmsurgery.layout.timm_vit import BLOCK_LINEARS, NO_WEIGHT_DECAY
+
+    names = {
+        alt.replace("\\.", ".") for f in FAMILIES for p in f.roles.values() if "(" not in p for alt in p.split("|")
+    }
+    return names | {f"{n}.weight" for n in BLOCK_LINEARS} | {"patch_embed.proj", *NO_WEIGHT_DECAY}
+
+
+def _key_name_hits(path: Path, names: set[str]) -> list[str]:
+    return [
+        f"{path.name}:{line} {value[:60]!r}" for line, value in _code_strings(path) if any(n in value for n in names)
+    ]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_only_layout_matches_family_key_names(path: Path) -> None:
+    """Only `layout/` knows how a family names its tensors (docs/architecture.md, Walls); `hf.py` applies
+    transformers' own renaming rules, which name no family. A new family is one table entry, never a string in
+    another module."""
+    if path.relative_to(PACKAGE).parts[0] == "layout":
+        return
+    assert _key_name_hits(path, _family_key_names()) == []
+
+
+def test_the_key_name_wall_sees_a_key_name(tmp_path: Path) -> None:
+    leak = tmp_path / "leak.py"
+    leak.write_text('"""A docstring may say blocks.0.attn.qkv.weight."""\nKEY = "blocks.0.attn.qkv.weight"\n')
+    assert _key_name_hits(leak, _family_key_names()) == ["leak.py:2 'blocks.0.attn.qkv.weight'"]
+
+
+def _contract_names() -> set[str]:
+    """What only the paired-file contract may spell out: the pathway tensor suffixes and every metadata key."""
+    import mmsurgery.paired_format as contract
+
+    keys = {getattr(contract, n) for n in contract.__all__ if n.endswith("_KEY")}
+    return keys | {contract.AUX_SUFFIX, contract.SCALE_SUFFIX}
+
+
+def _contract_hits(path: Path, names: set[str]) -> list[str]:
+    """String constants that are a contract name (a metadata key, `aux_weight`, `cross_modal_scale`) or one of its
+    numbered forms (`mmsurgery.plan.1`, `aux_weight_1`): a module spelling the contract out itself. Names inside a
+    sentence (an error message) are not keys."""
+    numbered = re.compile(r"(?:[._][1-9][0-9]*)?")
+    return [
+        f"{path.name}:{line} {value!r}"
+        for line, value in _code_strings(path)
+        if any(value.startswith(n) and numbered.fullmatch(value[len(n) :]) for n in names)
+    ]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_only_the_contract_names_pathway_keys_and_metadata_keys(path: Path) -> None:
+    if path.name == "paired_format.py" and path.parent == PACKAGE:
+        return
+    assert _contract_hits(path, _contract_names()) == []
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_only_the_contract_defines_the_rules_of_lambda(path: Path) -> None:
+    """λ's shape rules (`scale_shape`, `scale_problem`, `block_view`) and the `P.weight` <-> `P` rule
+    (`weight_key`, `module_of`) are defined once, in the contract."""
+    if path.name == "paired_format.py" and path.parent == PACKAGE:
+        return
+    rules = {"scale_shape", "scale_problem", "block_view", "weight_key", "module_of"}
+    tree = ast.parse(path.read_text())
+    defined = [
+        n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in rules
+    ]
+    assert defined == []
+
+
+def test_the_contract_wall_sees_a_metadata_key(tmp_path: Path) -> None:
+    leak = tmp_path / "leak.py"
+    leak.write_text('meta = {"mmsurgery.scales": "1", "mmsurgery.plan.2": "{}"}\nnote = "no mmsurgery.vit here"\n')
+    assert _contract_hits(leak, _contract_names()) == ["leak.py:1 'mmsurgery.scales'", "leak.py:1 'mmsurgery.plan.2'"]

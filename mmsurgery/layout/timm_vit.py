@@ -14,9 +14,11 @@ from typing import Any
 
 from mmsurgery.errors import BadInputError
 
-__all__ = ["BLOCK_LINEARS", "block_linear_names", "timm_vit_fields"]
+__all__ = ["BLOCK_LINEARS", "NO_WEIGHT_DECAY", "block_linear_names", "patch_embed_width", "timm_vit_fields"]
 
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # the four linears per block M2PT paths
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token")  # the parameters timm exempts from weight decay
+_PATCH_EMBED = "patch_embed.proj.weight"
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
@@ -25,13 +27,19 @@ def block_linear_names(depth: int) -> list[str]:
     return [f"blocks.{i}.{name}" for i in range(depth) for name in BLOCK_LINEARS]
 
 
+def patch_embed_width(shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """The width a timm-named ViT's patch embedding gives, or None when there is none (not a timm ViT)."""
+    shape = shapes.get(_PATCH_EMBED)
+    return int(shape[0]) if shape else None
+
+
 def timm_vit_fields(shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
     """The config fields a timm-named ViT's shapes determine (all but the head count). Keys of other kinds (a
     pathway's `aux_weight`/`cross_modal_scale`) are ignored. Raises `BadInputError` for anything else."""
-    for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "norm.weight"):
+    for key in (_PATCH_EMBED, *NO_WEIGHT_DECAY, "norm.weight"):
         if key not in shapes:
             raise BadInputError(f"not a timm-style ViT state dict: '{key}' is missing")
-    embed_dim, in_chans, patch_h, patch_w = shapes["patch_embed.proj.weight"]
+    embed_dim, in_chans, patch_h, patch_w = shapes[_PATCH_EMBED]
     if patch_h != patch_w:
         raise BadInputError(f"non-square patches {patch_h}x{patch_w} are not supported")
     n_tokens = shapes["pos_embed"][1]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmsurgery.errors import BadInputError
-from mmsurgery.layout.timm_vit import block_linear_names, timm_vit_fields
+from mmsurgery.layout.timm_vit import NO_WEIGHT_DECAY, block_linear_names, timm_vit_fields
 from mmsurgery.paired_format import VIT_INFERRED, VIT_KEY, metadata_json
 
 __all__ = [
@@ -188,7 +188,7 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters timm exempts from weight decay (honoured by `mmsurgery.pathway.param_groups`)."""
-        return {"pos_embed", "cls_token"}
+        return set(NO_WEIGHT_DECAY)
 
     def block_linear_names(self) -> list[str]:
         """Module paths of the four linears per block that carry a pathway in M2PT, in block order."""

@@ -23,6 +23,7 @@ from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError
 from mmsurgery.hf import CONFIG_NAME
+from mmsurgery.layout.timm_vit import patch_embed_width
 from mmsurgery.paired_format import VIT_INFERRED, VIT_KEY, paired_metadata, provenance_keys
 from mmsurgery.pairing.plan import Plan
 
@@ -79,8 +80,8 @@ def vit_metadata(target: Checkpoint, heads: int | None) -> VitRecord | None:
     found = heads
     if found is None and not inferred_fields(None, target.metadata):
         heads_from = f"the target's {VIT_KEY} metadata"
-    elif found is None and "patch_embed.proj.weight" in shapes:
-        stated = config_heads(Path(target.path), shapes["patch_embed.proj.weight"][0])
+    elif found is None and (width := patch_embed_width(shapes)) is not None:
+        stated = config_heads(Path(target.path), width)
         if stated is not None:
             found, where = stated
             heads_from = str(where)
