@@ -80,7 +80,7 @@ from common import VITS, make_vit, run_child, run_measured, vit_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_VERSION = 1
-IMPORTS = "import torch, mmsurgery.cli, mmsurgery.fold, mmsurgery.render, mmsurgery.checkpoint.dcp"
+IMPORTS = "import torch, mmsurgery.cli, mmsurgery.fold, mmsurgery.render, mmsurgery.checkpoint.formats.dcp_folder"
 LABELS = {
     "writer": "mmsurgery SafetensorsWriter",
     "save_file": "safetensors save_file",

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmsurgery.checkpoint.dtypes import FLOATING
-from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
+from mmsurgery.checkpoint.loaded import Checkpoint
+from mmsurgery.checkpoint.reader import open_checkpoint
 from mmsurgery.errors import NoTransformerBlocksError
 from mmsurgery.layout.detect import Layout, Stack, default_stack, detect
 from mmsurgery.paired_format import LayerScales, paired_view

@@ -19,7 +19,7 @@ from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES as DTYPES
 from mmsurgery.checkpoint.hashing import HashJob
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
+from mmsurgery.checkpoint.loaded import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError, FoldError
 from mmsurgery.foldmath import fold_weight

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
+from mmsurgery.checkpoint.loaded import Checkpoint
+from mmsurgery.checkpoint.reader import open_checkpoint
 from mmsurgery.errors import BadInputError, FoldError
 
 __all__ = [

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from mmsurgery.checkpoint.dtypes import ITEMSIZE
-from mmsurgery.checkpoint.reader import Checkpoint
+from mmsurgery.checkpoint.loaded import Checkpoint
 from mmsurgery.errors import AttachError, BadInputError, FoldError
 from mmsurgery.foldmath import all_finite, effective_weight, fold_weight
 from mmsurgery.hf import to_model_names

@@ -1,4 +1,4 @@
-"""The DCP folder reader (`mmsurgery.checkpoint.dcp`) on single-process `dcp.save` output and on folders laid out
+"""The DCP folder reader (`checkpoint.formats.dcp_folder`) on single-process `dcp.save` output and on folders laid out
 as a multi-rank save lays them out (written here with torch's own metadata classes, and checked to load with
 torch's own `dcp.load`): names, values, reassembly of chunks, unwrapping, provenance, and every damaged or hostile
 input ending in one line and exit 2. The 2-process FSDP2 test is tests/test_fsdp.py."""

@@ -6,7 +6,7 @@ chunk (key, offsets) to its file, byte offset and length; `planner_data` records
 flattened. `parse_metadata` reads it with a restricted unpickler that knows only DCP's metadata classes and builds
 inert records from them (nothing of torch runs, `torch.distributed` is not imported, every other global is refused
 by name), then checks every field and that the chunks of each tensor tile it exactly: the typed `DcpLayout` it
-returns can be trusted by the reader (`checkpoint.dcp`). torch is imported only to name dtypes.
+returns can be trusted by the reader (`checkpoint.formats.dcp_folder`). torch is imported only to name dtypes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""What every checkpoint format hands out: `TensorInfo`, the lazy `Checkpoint` view, and the loader interface a
-format implements (`Loader`; `PinnedLoader` for loaders whose files `Pins` holds open), plus `naming`, which names
-the file in a normalisation pass's error. `reader` (safetensors files, shard sets, pickles) and `dcp`
-(`torch.distributed.checkpoint` folders) both build on it; neither imports the other's private names.
+"""What every checkpoint format hands out: `TensorInfo`, the lazy `Checkpoint` view, the loader interface a
+format implements (`Loader`; `PinnedLoader` for loaders whose files `Pins` holds open) and the `Format` record
+each module of `checkpoint/formats/` builds, plus `naming`, which names the file in a normalisation pass's error,
+and `brief`, which quotes a name from a file in one. The format modules all build on it; none imports another's
+private names.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.pins import Pins
 from mmsurgery.errors import BadInputError
 
-__all__ = ["Checkpoint", "Loader", "PinnedLoader", "TensorInfo", "naming"]
+__all__ = ["Checkpoint", "Format", "Loader", "PinnedLoader", "TensorInfo", "brief", "naming"]
 
 T = TypeVar("T")
 
@@ -182,9 +183,33 @@ class PinnedLoader(Loader):
         self._pins.close()
 
 
+@dataclass(frozen=True, kw_only=True)
+class Format:
+    """One checkpoint format `open_checkpoint` reads: each module of `checkpoint/formats/` builds one, and
+    `formats.FORMATS` orders them; the first whose `claims` is true opens the path.
+
+    `claims(path)` decides cheaply, from a name, a folder's contents or a few magic bytes; `open(path, key)` returns
+    the lazy `Checkpoint` (`key` picks a wrapper entry, `/` for nesting) or raises `BadInputError`. A `folder`
+    format is asked about the path as given (a folder, or a file standing for its folder); any other is asked
+    about a regular file: the path, or the one weights file of a folder given (`formats.folder.weights_file`).
+    """
+
+    name: str
+    claims: Callable[[Path], bool]
+    open: Callable[[Path, str | None], Checkpoint]
+    folder: bool = False
+
+
 def naming(path: Path, normalize: Callable[..., T], *args: Any) -> T:
     """Run a normalisation pass (pure, so it knows no file) and name the file in any error it raises."""
     try:
         return normalize(*args)
     except BadInputError as e:
         raise type(e)(f"{path}: {e}") from None
+
+
+def brief(text: str, limit: int = 80) -> str:
+    """`text` (a name read from a file, which may be long or hold anything) quoted, and cut to `limit` characters
+    for an error message."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"

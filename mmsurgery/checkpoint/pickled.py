@@ -20,7 +20,7 @@ from typing import Any
 from mmsurgery.checkpoint.pins import check_regular
 from mmsurgery.errors import BadInputError, UnsafeCheckpointError
 
-__all__ = ["SAFE_GLOBALS", "ZIP_MAGIC", "load_pickle"]
+__all__ = ["SAFE_GLOBALS", "ZIP_MAGIC", "first_line", "load_pickle"]
 
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
 ZIP_MAGIC = b"PK\x03\x04"  # what torch.load itself checks to tell its zip format from a legacy pickle
@@ -59,9 +59,9 @@ def _load(path: Path) -> Any:
                 f"{path}: refused to unpickle unsafe global(s) {names}{more}; only tensors, containers and "
                 "argparse.Namespace are allowed (re-save the checkpoint's state_dict, or convert it to safetensors)"
             ) from None
-        raise BadInputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise BadInputError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     except Exception as e:  # zipfile and torch raise BadZipFile, RuntimeError, EOFError, UnicodeDecodeError...
-        raise BadInputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise BadInputError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 class _Clamped:
@@ -319,7 +319,7 @@ def _generic_effect(op: Any, stack: list[Any], marks: list[int]) -> None:
     stack.extend([_OPAQUE] * len(op.stack_after))
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """The reason, one line: `KeyError: 10` rather than a bare `10`, and for a weights_only refusal its own
     reason rather than torch's advice to retry with `weights_only=False`."""
     text, kind = str(e), type(e).__name__

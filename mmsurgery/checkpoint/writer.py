@@ -29,8 +29,8 @@ from typing import Any
 
 from mmsurgery.checkpoint import publish
 from mmsurgery.checkpoint.dtypes import ITEMSIZE, NAME_TO_CODE, torch_dtype_name
+from mmsurgery.checkpoint.loaded import TensorInfo
 from mmsurgery.checkpoint.publish import INDEX_SUFFIX, TEMP_SUFFIX, check_output, write_text_atomic
-from mmsurgery.checkpoint.reader import TensorInfo
 from mmsurgery.errors import BadInputError, OutputExistsError
 
 __all__ = [

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mmsurgery.checkpoint.dtypes import FLOATING
-from mmsurgery.checkpoint.reader import TensorInfo
+from mmsurgery.checkpoint.loaded import TensorInfo
 from mmsurgery.errors import NoTransformerBlocksError
 from mmsurgery.layout.families import (
     DECODER_MARKER,

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mmsurgery.checkpoint.hashing import HashJob
-from mmsurgery.checkpoint.reader import Checkpoint, open_checkpoint
+from mmsurgery.checkpoint.loaded import Checkpoint
+from mmsurgery.checkpoint.reader import open_checkpoint
 from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.hf import output_for
 from mmsurgery.paired_format import FORMAT_KEY, PAIRED_KIND, check_format, is_pathway_key

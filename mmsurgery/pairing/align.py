@@ -11,8 +11,8 @@ from typing import Any
 
 from mmsurgery.checkpoint.dtypes import FLOATING
 from mmsurgery.checkpoint.hashing import HashJob
+from mmsurgery.checkpoint.loaded import Checkpoint
 from mmsurgery.checkpoint.pins import check_regular
-from mmsurgery.checkpoint.reader import Checkpoint
 from mmsurgery.errors import BadInputError, PairingError
 from mmsurgery.layout.detect import Block, Linear, Stack, choose_stack, detect
 from mmsurgery.paired_format import DEFAULT_ROLES, PAIRABLE_ROLES, SCALE_MODES, module_of, scale_shape, weight_key

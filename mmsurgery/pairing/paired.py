@@ -18,8 +18,8 @@ from typing import Any
 from mmsurgery import __version__
 from mmsurgery.checkpoint.dtypes import ITEMSIZE
 from mmsurgery.checkpoint.hashing import HashJob
+from mmsurgery.checkpoint.loaded import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.pins import check_regular
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
 from mmsurgery.checkpoint.writer import SafetensorsWriter, WriteResult
 from mmsurgery.errors import BadInputError
 from mmsurgery.hf import CONFIG_NAME

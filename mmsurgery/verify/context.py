@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mmsurgery.checkpoint.dtypes import FLOATING
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
+from mmsurgery.checkpoint.loaded import Checkpoint, TensorInfo
 from mmsurgery.hf import to_disk_names, to_model_names
 from mmsurgery.paired_format import PairedCheckpoint, is_pathway_key
 from mmsurgery.verify import onnx_backend

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
-from mmsurgery.checkpoint.reader import TensorInfo
+from mmsurgery.checkpoint.loaded import TensorInfo
 from mmsurgery.errors import BadInputError
 from mmsurgery.paired_format import is_pathway_key
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmsurgery.checkpoint.reader import Checkpoint
+from mmsurgery.checkpoint.loaded import Checkpoint
 from mmsurgery.errors import BadInputError
 from mmsurgery.hf import CONFIG_NAME
 from mmsurgery.layout.timm_vit import timm_vit_fields

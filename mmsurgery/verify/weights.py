@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.hashing import HashJob
-from mmsurgery.checkpoint.reader import Checkpoint, TensorInfo
+from mmsurgery.checkpoint.loaded import Checkpoint, TensorInfo
 from mmsurgery.fold import DTYPES, PlainTensors, plain_tensors
 from mmsurgery.paired_format import SOURCE_KEY, PairedCheckpoint, paired_view
 from mmsurgery.verify.report import StageResult

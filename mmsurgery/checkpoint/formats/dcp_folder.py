@@ -1,11 +1,12 @@
 """Reading a `torch.distributed.checkpoint` (DCP) folder directly, one tensor at a time.
 
 `dcp.save` writes a folder holding `.metadata` and `__<rank>_<n>.distcp` files, each a concatenation of one
-`torch.save` archive per chunk. `open_dcp` reads `.metadata` through `dcp_metadata.parse_metadata` (a restricted
-unpickler, every field checked), checks that every stored entry lies inside its file, and reassembles a tensor
-only when it is asked for, reading each chunk with `torch.load(weights_only=True)` through the pinned descriptor
-of its file: memory stays near the tensor being assembled. Entries that are not tensors (pickled objects) are
-listed but never read. See docs/formats.md, "DCP checkpoint folders".
+`torch.save` archive per chunk. `FORMAT` claims such a folder, or its `.metadata` named directly, before any other
+format looks at the path (a folder format). `open_dcp` reads `.metadata` through `dcp_metadata.parse_metadata` (a
+restricted unpickler, every field checked), checks that every stored entry lies inside its file, and reassembles a
+tensor only when it is asked for, reading each chunk with `torch.load(weights_only=True)` through the pinned
+descriptor of its file: memory stays near the tensor being assembled. Entries that are not tensors (pickled
+objects) are listed but never read. See docs/formats.md, "DCP checkpoint folders".
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmsurgery.checkpoint.dcp_metadata import METADATA_NAME, DcpChunk, DcpLayout, DcpTensor, _brief, parse_metadata
-from mmsurgery.checkpoint.loaded import Checkpoint, PinnedLoader, TensorInfo, naming
+from mmsurgery.checkpoint.dcp_metadata import METADATA_NAME, DcpChunk, DcpLayout, DcpTensor, parse_metadata
+from mmsurgery.checkpoint.loaded import Checkpoint, Format, PinnedLoader, TensorInfo, brief, naming
 from mmsurgery.checkpoint.normalize import strip_prefixes, unwrap
 from mmsurgery.checkpoint.pins import Pin, Pins, check_regular, not_regular, os_error
 from mmsurgery.errors import BadInputError
 
-__all__ = ["DCP_FORMAT", "SUFFIX", "is_dcp_folder", "open_dcp"]
+__all__ = ["DCP_FORMAT", "FORMAT", "SUFFIX", "is_dcp_folder", "open_dcp"]
 
 DCP_FORMAT = "dcp"
 SUFFIX = ".distcp"
@@ -96,7 +97,7 @@ def _check_extents(folder: Path, layout: DcpLayout, pins: _FilePins) -> None:
         size = pins.size(folder / file) or 0
         if offset + length > size:
             raise BadInputError(
-                f"{folder / file}: entry {_brief(key)} at bytes {offset}..{offset + length} lies past the end of "
+                f"{folder / file}: entry {brief(key)} at bytes {offset}..{offset + length} lies past the end of "
                 f"the file ({size} bytes); the file is truncated or damaged"
             )
         first[file] = min(first.get(file, offset), offset)
@@ -142,9 +143,9 @@ def _model_names(folder: Path, layout: DcpLayout, key: str | None) -> _Names:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise BadInputError(f"{folder}: {METADATA_NAME}: {_brief(k)} is nested under a tensor")
+                raise BadInputError(f"{folder}: {METADATA_NAME}: {brief(k)} is nested under a tensor")
         if path[-1] in node:
-            raise BadInputError(f"{folder}: {METADATA_NAME}: two entries at {_brief('/'.join(path))}")
+            raise BadInputError(f"{folder}: {METADATA_NAME}: two entries at {brief('/'.join(path))}")
         node[path[-1]] = value
     u = naming(folder, unwrap, nested, key)
     tensors = naming(folder, strip_prefixes, u.tensors)
@@ -246,17 +247,17 @@ class _DcpLoader(PinnedLoader):
     def _chunk(self, t: DcpTensor, c: DcpChunk, dtype: Any) -> Any:
         import torch
 
-        from mmsurgery.checkpoint.pickled import _first_line
+        from mmsurgery.checkpoint.pickled import first_line
 
         file = self._folder / c.file
         pin = self._pins.check(file)
-        where = f"{file}: chunk of {_brief(t.key)} at byte {c.offset}"
+        where = f"{file}: chunk of {brief(t.key)} at byte {c.offset}"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 value = torch.load(_Slice(pin.fd, c.offset, c.length), map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged archive, or a pickle weights_only refuses
-            raise BadInputError(f"{where}: not a readable tensor ({_first_line(e)})") from None
+            raise BadInputError(f"{where}: not a readable tensor ({first_line(e)})") from None
         self._pins.check(file)  # a write during the read: these bytes may be torn
         if not isinstance(value, torch.Tensor) or type(value) is not torch.Tensor:
             raise BadInputError(f"{where}: holds a {type(value).__name__}, not a tensor")
@@ -266,3 +267,19 @@ class _DcpLoader(PinnedLoader):
                 f"{METADATA_NAME} says {t.dtype} {list(c.sizes)}"
             )
         return value if value.is_contiguous() else value.contiguous()
+
+
+def _folder(p: Path) -> Path:
+    """The folder `p` stands for: itself, or the folder of its `.metadata`."""
+    return p if p.is_dir() else p.parent
+
+
+def _claims(p: Path) -> bool:
+    return (p.is_dir() or p.name == METADATA_NAME) and is_dcp_folder(_folder(p))
+
+
+def _open(p: Path, key: str | None) -> Checkpoint:
+    return open_dcp(_folder(p), key)
+
+
+FORMAT = Format(name=DCP_FORMAT, claims=_claims, open=_open, folder=True)
