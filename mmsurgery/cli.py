@@ -215,6 +215,14 @@ def fold(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar (it is drawn only on a terminal, for long jobs).")
     ] = False,
+    certificate: Annotated[
+        Path | None,
+        typer.Option(
+            "--certificate",
+            help="Also write a fold certificate here (PAIRED's sha256 and every output tensor's), for "
+            "`verify PLAIN --certificate` where PAIRED is not. Costs one sha256 pass over PAIRED.",
+        ),
+    ] = None,
 ) -> None:
     """Fold every pathway into a plain weight, W + λ·W_aux, streaming; the output has the plain model's keys."""
     from mmsurgery import render
@@ -230,6 +238,7 @@ def fold(
             key=key,
             on_progress=on_progress,
             source_hash=source_hash,
+            certificate=certificate,
         )
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
@@ -309,6 +318,14 @@ def verify(
             "binds PLAIN's weights to a cached graph instead of exporting again.",
         ),
     ] = None,
+    certificate: Annotated[
+        Path | None,
+        typer.Option(
+            "--certificate",
+            help="A fold certificate: an existing one gates PLAIN without PAIRED (or, with --against, is "
+            "cross-checked with it); a new path with --against is written after a passing gate.",
+        ),
+    ] = None,
     memory_limit: Annotated[
         str | None,
         typer.Option(
@@ -342,6 +359,7 @@ def verify(
         stages=stages,
         export_cache=export_cache,
         memory_limit=memory_limit,
+        certificate=certificate,
     )
     from mmsurgery import render
 

@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from mmsurgery import __version__
+from mmsurgery.certificate import (
+    Certificate,
+    TensorDigest,
+    certificate_versions,
+    check_certificate_output,
+    tensor_sha256,
+    write_certificate,
+)
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.dtypes import FOLD_DTYPES as DTYPES
 from mmsurgery.checkpoint.hashing import HashJob
@@ -47,7 +55,7 @@ def default_output(paired: Path) -> Path:
     return paired.with_name(f"{stem}.plain.safetensors")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FoldResult:
     source: Path
     output: Path | None  # a model folder, an index or the file; None: the input was already plain, nothing written
@@ -55,6 +63,7 @@ class FoldResult:
     num_tensors: int
     sha256: str | None  # of the paired input with source_hash=True (`fold --source-hash`), else None
     written: WriteResult | None
+    certificate: Path | None = None  # the certificate written beside the fold (`fold --certificate`)
 
     @property
     def already_plain(self) -> bool:
@@ -69,6 +78,7 @@ class FoldResult:
             "num_tensors": self.num_tensors,
             "source_sha256": self.sha256,
             "bytes": self.written.total_size if self.written else 0,
+            "certificate": str(self.certificate) if self.certificate else None,
             "copied": [p.name for p in self.written.extra_files] if self.written else [],
             "scales": self.scales,
         }
@@ -209,6 +219,7 @@ def fold_file(
     key: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     source_hash: bool = False,
+    certificate: str | os.PathLike[str] | None = None,
 ) -> FoldResult:
     """Fold `paired` into a plain checkpoint at `out` (default: `<stem>.plain.safetensors` beside it).
 
@@ -226,17 +237,25 @@ def fold_file(
     PAIRED itself).
     A checkpoint without pathway tensors is reported as already plain and nothing is written. A non-finite λ or
     folded weight raises `FoldError` naming the layer, before anything is renamed into place.
+
+    `certificate` names a fold certificate to write once the output is in place (`mmsurgery.certificate`):
+    PAIRED's sha256 and the sha256 of every tensor as computed here, before it is written, so `verify PLAIN
+    --certificate` can prove PLAIN without PAIRED. It needs PAIRED's sha256, so it costs that pass too.
     """
     _check_dtype(dtype)
     with open_paired(paired, key=key) as opened:
         ck = opened.ck
-        hashing = HashJob(ck.files, opener=ck.open_pinned) if source_hash else None  # on the other core
+        inputs = [ck.path, *ck.files, *([ck.folder] if ck.folder is not None else [])]  # nothing goes inside
+        if certificate is not None:
+            check_certificate_output(certificate, inputs, force)
+        hashed = source_hash or certificate is not None
+        hashing = HashJob(ck.files, opener=ck.open_pinned) if hashed else None  # on the other core
         source = plain_tensors(opened, dtype)
         if not source.layers:
             digest = hashing.result() if hashing is not None else None
             return FoldResult(source=ck.path, output=None, scales={}, num_tensors=len(ck), sha256=digest, written=None)
         scales = json.dumps(source.scales, separators=(",", ":"))
-        metadata = folded_metadata(ck.metadata, scales=scales, version=__version__, source_digest=hashing is not None)
+        metadata = folded_metadata(ck.metadata, scales=scales, version=__version__, source_digest=source_hash)
         default = default_output(ck.path)
         dest, extra_files = output_for(out, paired, default, ".plain", replaces=".paired", occupied=ck.folder)
         with SafetensorsWriter(
@@ -245,22 +264,39 @@ def fold_file(
             metadata=metadata,
             shard_size=shard_size,
             force=force,
-            inputs=[ck.path, *ck.files, *([ck.folder] if ck.folder is not None else [])],  # nothing goes inside
+            inputs=inputs,
             extra_files=extra_files,
             on_progress=on_progress,
         ) as w:
             buffers = source.buffers()
+            digests: list[TensorDigest] = []
             with _leave_a_core(hashing):
                 for s in source.specs:
-                    w.write(s.name, source.tensor(s.name, buffers))
+                    t = source.tensor(s.name, buffers)
+                    if certificate is not None:  # of the tensor computed here, never read back from the output
+                        digests.append(TensorDigest(name=s.name, dtype=s.dtype, shape=s.shape, sha256=tensor_sha256(t)))
+                    w.write(s.name, t)
             digest = hashing.result() if hashing is not None else None
-            written = w.commit(patch={SOURCE_KEY: digest} if digest is not None else None)
+            written = w.commit(patch={SOURCE_KEY: digest} if source_hash and digest is not None else None)
         output = written.path.parent if extra_files is not None else written.path
+        cert_path = None
+        if certificate is not None:
+            assert digest is not None
+            cert = Certificate(
+                paired_path=str(paired),
+                paired_sha256=digest,
+                fold_dtype=dtype,
+                tensors=tuple(digests),
+                versions=certificate_versions(),
+                written_by="fold",
+            )
+            cert_path = write_certificate(cert, certificate, inputs=inputs, force=force)
         return FoldResult(
             source=ck.path,
             output=output,
             scales=source.scales,
             num_tensors=len(source.specs),
-            sha256=digest,
+            sha256=digest if source_hash else None,
             written=written,
+            certificate=cert_path,
         )

@@ -338,7 +338,9 @@ def fold_result(r: FoldResult) -> Text:
     return Text.assemble(
         (f"folded {len(r.scales)} pathways", "bold"),
         f" (λ {lam}{more}) into {r.num_tensors} plain tensors, {size}\n",
-        wrote(r.output, r.written) + (f"\nsource sha256 {r.sha256}" if r.sha256 else ""),
+        wrote(r.output, r.written)
+        + (f"\nsource sha256 {r.sha256}" if r.sha256 else "")
+        + ("\n" + escape_controls(f"certificate {r.certificate}") if r.certificate else ""),
     )
 
 
@@ -394,6 +396,10 @@ def verify_report(report: Report) -> Group:
     else:
         verdict = Text.assemble(("FAILED", "bold red"), f" ({', '.join(report.failed)}): {tally}")
     head = Text(escape_controls(f"mmsurgery verify {report.inputs.get('plain')}"), style="bold")
+    cert = report.inputs.get("certificate")
+    if cert:
+        digest = f" (PAIRED sha256 {cert['paired_sha256'][:16]}…)" if cert.get("paired_sha256") else ""
+        verdict.append("\n" + escape_controls(f"certificate {cert['path']}: {cert['mode']}{digest}"))
     if not report.config_inferred:
         return Group(head, table, verdict)
     guessed = ", ".join(f"{k} {v}" for k, v in report.config_inferred.items())

@@ -252,8 +252,9 @@ def write_new(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to a temp file beside `path`, fsync, rename: a reader never sees a half-written file."""
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, force: bool = True) -> Path:
+    """Write `text` to a temp file beside `path`, fsync, rename: a reader never sees a half-written file. With
+    `force=False` the rename never replaces a file that appeared meanwhile (`OutputExistsError`, see `move`)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -262,7 +263,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), 0o666 & ~umask())
-        os.replace(tmp, path)
+        move(Path(tmp), path, force)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmsurgery.certificate import Certificate, TensorDigest
 from mmsurgery.checkpoint.dtypes import FLOATING
+from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.loaded import Checkpoint, TensorInfo
 from mmsurgery.hf import to_disk_names, to_model_names
 from mmsurgery.paired_format import PairedCheckpoint, is_pathway_key
@@ -125,7 +127,16 @@ def forward(model: nn.Module, inputs: Mapping[int, tuple[Tensor, ...]]) -> Outpu
 class RunContext:
     """What the stages of one run share. Stages call the methods; the gate calls `release` between stages."""
 
-    def __init__(self, *, options: Options, plain: Checkpoint, paired: PairedCheckpoint | None, tmp: Path) -> None:
+    def __init__(
+        self,
+        *,
+        options: Options,
+        plain: Checkpoint,
+        paired: PairedCheckpoint | None,
+        tmp: Path,
+        certificate: Certificate | None = None,
+        certificate_out: Path | None = None,
+    ) -> None:
         self.options = options
         self.arch = options.arch
         self.plain_ck = plain
@@ -147,6 +158,22 @@ class RunContext:
         self.session: onnx_backend.OrtRunner | None = None
         self.reference_graph: Path | None = None
         self.built: list[str] = []  # which models were built, in order (for tests of the memory rule)
+        # A fold certificate: read (`certificate`: gate with it, or cross-check it with PAIRED) or to write after
+        # a passing gate (`certificate_out`). The weights stage leaves the fold's digests and dtype here.
+        self.certificate = certificate
+        self.certificate_out = certificate_out
+        self.fold_digests: list[TensorDigest] | None = None
+        self.fold_dtype = "keep"
+        self._paired_hash = (
+            HashJob(paired.ck.files, opener=paired.ck.open_pinned)
+            if paired is not None and (certificate is not None or certificate_out is not None)
+            else None
+        )  # PAIRED's sha256, on a second thread from the start: a certificate names it
+
+    def paired_digest(self) -> str:
+        """PAIRED's sha256 (with a certificate to write or cross-check)."""
+        assert self._paired_hash is not None
+        return self._paired_hash.result()
 
     # ---- the architecture without weights ------------------------------------------------------------------
     def skeleton(self) -> nn.Module:

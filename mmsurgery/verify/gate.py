@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from mmsurgery import __version__
+from mmsurgery.certificate import Certificate, check_certificate_output, read_certificate, write_certificate
 from mmsurgery.checkpoint.reader import open_checkpoint
 from mmsurgery.errors import BadInputError, MMSurgeryError
 from mmsurgery.paired_format import (
@@ -34,7 +35,18 @@ from mmsurgery.paired_format import (
     metadata_json,
     open_paired,
 )
-from mmsurgery.verify import cost, fold_stage, keys, latency, memory, onnx_backend, onnx_stage, preflight, weights
+from mmsurgery.verify import (
+    certified,
+    cost,
+    fold_stage,
+    keys,
+    latency,
+    memory,
+    onnx_backend,
+    onnx_stage,
+    preflight,
+    weights,
+)
 from mmsurgery.verify.arch import Arch
 from mmsurgery.verify.archs import load_arch
 from mmsurgery.verify.context import NEEDS, STAGES, Options, PlainDoesNotLoad, RunContext
@@ -48,14 +60,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZES = (1, 4)
 DEFAULT_OPSET = 20
 
-_RUN: dict[str, Callable[[RunContext], StageResult]] = {
-    "weights": weights.run,
-    "keys": keys.run,
-    "fold": fold_stage.run,
-    "onnx": onnx_stage.run,
-    "cost": cost.run,
-    "latency": latency.run,
-}
 _MODEL_STAGES = ("fold", "onnx", "cost", "latency")  # skipped when PLAIN does not load into the architecture
 
 
@@ -72,9 +76,11 @@ def parse_stages(value: Sequence[str] | str | None) -> tuple[str, ...] | None:
 
 
 def _chosen(stages: tuple[str, ...] | None, against: bool, onnx: bool) -> tuple[str, ...]:
-    """The stages to run: those asked for (each must have its inputs), else every stage its inputs allow."""
+    """The stages to run: those asked for (each must have its inputs), else every stage its inputs allow.
+    `against`: PAIRED or a certificate of it is given."""
     needs = {"weights": against, "fold": against, "onnx": onnx, "latency": onnx}
-    option = {"weights": "--against PAIRED", "fold": "--against PAIRED", "onnx": "--onnx", "latency": "--onnx"}
+    paired = "--against PAIRED or --certificate CERT"
+    option = {"weights": paired, "fold": paired, "onnx": "--onnx", "latency": "--onnx"}
     if stages is None:
         return tuple(s for s in STAGES if needs.get(s, True))
     lacking = [s for s in stages if not needs.get(s, True)]
@@ -88,8 +94,8 @@ def _why_not(name: str, chosen_explicitly: bool) -> str:
     if chosen_explicitly:
         return "not chosen (--stages)"
     return {
-        "weights": "no --against PAIRED given",
-        "fold": "no --against PAIRED given",
+        "weights": "no --against PAIRED or --certificate given",
+        "fold": "no --against PAIRED or --certificate given",
         "onnx": "no --onnx given",
         "latency": "needs an ONNX graph (--onnx)",
     }.get(name, "not chosen")
@@ -130,6 +136,7 @@ def verify(
     stages: Sequence[str] | str | None = None,
     export_cache: str | os.PathLike[str] | None = None,
     memory_limit: int | str | None = None,
+    certificate: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Verify the plain checkpoint `plain` (see docs/verify.md) and return the `Report`; never prints.
 
@@ -143,6 +150,11 @@ def verify(
     of the same architecture instead of exporting again (`verify.export_cache`). `memory_limit`: bytes (or "8G")
     the gate may use, instead of what the machine reports as available; a gate whose estimate exceeds it is
     refused up front. Raises `BadInputError` on bad input or options, before any expensive work.
+
+    `certificate` (docs/verify.md, "Gating without PAIRED"): an existing certificate file is read and gates PLAIN
+    in PAIRED's place (weights by per-tensor sha256; fold and onnx against its recorded outputs; cost against its
+    recorded numbers), or, with `against` too, is cross-checked against PAIRED. A path that does not exist yet,
+    with `against`, is where the certificate of this gate is written if every stage passes (never over a file).
 
     A configuration the architecture has to guess (the built-in ViT's head count, without `heads` or a recorded
     `mmsurgery.vit`) is reported in `Report.config_inferred`; a new `onnx` path (a graph to keep) of one is refused
@@ -168,7 +180,10 @@ def verify(
         raise BadInputError(f"--export-cache {cache_dir}: not a folder")
     architecture = arch if isinstance(arch, Arch) else load_arch(arch, heads, checkpoints=(plain, against))
     onnx_opt = check_onnx_option(onnx)
-    chosen = _chosen(asked, against is not None, onnx_opt is not None)
+    cert, cert_out = _certificate_option(certificate, plain, against)
+    chosen = _chosen(asked, against is not None or cert is not None, onnx_opt is not None)
+    if cert_out is not None and "weights" not in chosen:
+        raise BadInputError(f"--certificate {cert_out}: writing a certificate needs the weights stage")
     given_inputs = read_inputs(inputs, sizes) if inputs is not None else None
     options = Options(
         plain=Path(plain),
@@ -213,10 +228,16 @@ def verify(
             memory.check_fits(need, have)
         preloading = onnx_backend.preload() if "onnx" in chosen else None
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mmsurgery-verify-")))
-        ctx = RunContext(options=options, plain=plain_ck, paired=paired, tmp=tmp)
+        ctx = RunContext(
+            options=options, plain=plain_ck, paired=paired, tmp=tmp, certificate=cert, certificate_out=cert_out
+        )
+        if paired is None and cert is not None and cert.outputs is not None and set(chosen) & {"fold", "onnx"}:
+            certified.check_inputs(ctx, cert.outputs)  # the recorded outputs are of these inputs, or bad input
+            ctx.unfolded_outputs = cert.outputs.tensors()  # the reference of the fold and onnx stages
         results = _run_stages(ctx, chosen, asked is not None, preloading)
         input_names = _input_names(ctx)
         inputs_seen = ctx._inputs or {}
+        certificate_report = _certificate_outcome(ctx, results, chosen, cert, cert_out, certificate)
         ctx.release(frozenset())
 
     versions = {"mmsurgery": __version__, "torch": torch.__version__, "python": platform.python_version()}
@@ -241,6 +262,7 @@ def verify(
         "stages": list(chosen),
         "export_cache": str(cache_dir) if cache_dir is not None else None,
         "memory_estimate_bytes": need.peak,
+        "certificate": certificate_report,
     }
     tolerances = {
         "dtype": ctx.dtype,
@@ -255,6 +277,77 @@ def verify(
         seconds=time.perf_counter() - started,
         config_inferred=inferred,
     )
+
+
+def _certificate_option(
+    certificate: str | os.PathLike[str] | None, plain: str | os.PathLike[str], against: str | os.PathLike[str] | None
+) -> tuple[Certificate | None, Path | None]:
+    """(the certificate to gate with or cross-check, the path to write one to): an existing file is read (bad
+    input if it is not an intact certificate); a new path needs `--against`, and is checked as an output now."""
+    if certificate is None:
+        return None, None
+    path = Path(certificate)
+    if os.path.lexists(path):
+        return read_certificate(path), None
+    if against is None:
+        raise BadInputError(f"--certificate {path}: no such certificate (gate with --against PAIRED to write one)")
+    check_certificate_output(path, [Path(plain), Path(against)])
+    return None, path
+
+
+def _certificate_outcome(
+    ctx: RunContext,
+    results: Sequence[StageResult],
+    chosen: tuple[str, ...],
+    cert: Certificate | None,
+    cert_out: Path | None,
+    given: str | os.PathLike[str] | None,
+) -> dict[str, Any] | None:
+    """What the run did with the certificate, for the report; writes it after a passing gate (`cert_out`)."""
+    if given is None:
+        return None
+    if cert is not None:
+        mode = "cross-checked with PAIRED" if ctx.paired is not None else "used in PAIRED's place"
+        return {"path": str(given), "mode": mode, "paired_sha256": cert.paired_sha256, "written": False}
+    assert cert_out is not None
+    if any(r.status == "fail" for r in results):
+        return {"path": str(cert_out), "mode": "not written: the gate failed", "written": False}
+    extra = onnx_backend.versions() if "onnx" in chosen else {}
+    made = certified.build(ctx, results, extra)
+    write_certificate(made, cert_out, inputs=[ctx.plain_ck.path, *ctx.plain_ck.files, Path(str(ctx.options.against))])
+    return {"path": str(cert_out), "mode": "written", "paired_sha256": made.paired_sha256, "written": True}
+
+
+def _weights(ctx: RunContext) -> StageResult:
+    """PLAIN against the fold of PAIRED (the certificate, when given too, cross-checked), or against the
+    certificate's digests without PAIRED."""
+    if ctx.paired is None:
+        assert ctx.certificate is not None
+        return certified.check_digests(ctx.plain_ck, ctx.certificate)
+    result = weights.run(ctx)
+    if ctx.certificate is not None:
+        result = certified.with_cross_check(result, ctx.certificate, ctx.paired_digest(), ctx.fold_digests or [])
+    return result
+
+
+def _fold(ctx: RunContext) -> StageResult:
+    return fold_stage.run(ctx) if ctx.paired is not None else certified.run_fold(ctx)
+
+
+def _cost(ctx: RunContext) -> StageResult:
+    result = cost.run(ctx)
+    recorded = ctx.certificate.cost if ctx.certificate is not None else None
+    return certified.against_recorded(result, recorded) if recorded else result
+
+
+_RUN: dict[str, Callable[[RunContext], StageResult]] = {
+    "weights": _weights,
+    "keys": keys.run,
+    "fold": _fold,
+    "onnx": onnx_stage.run,
+    "cost": _cost,
+    "latency": latency.run,
+}
 
 
 def _run_stages(ctx: RunContext, chosen: tuple[str, ...], explicit: bool, preloading: Any) -> list[StageResult]:

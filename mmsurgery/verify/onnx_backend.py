@@ -16,7 +16,7 @@ import os
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,20 @@ class GraphSummary:
             "inputs": self.inputs,
             "outputs": self.outputs,
         }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> GraphSummary:
+        """The summary `to_json` wrote (a certificate's recorded graph)."""
+        return cls(
+            opset={str(k): int(v) for k, v in d["opset"].items()},
+            node_count=int(d["node_count"]),
+            op_histogram={str(k): int(v) for k, v in d["op_histogram"].items()},
+            initializers={str(k): int(v) for k, v in d["initializers"].items()},
+            initializer_elements=int(d["initializer_elements"]),
+            gelu_approximate={str(k): int(v) for k, v in d["gelu_approximate"].items()},
+            inputs=[str(x) for x in d["inputs"]],
+            outputs=[str(x) for x in d["outputs"]],
+        )
 
 
 def summarize_graph(path: Path) -> GraphSummary:

@@ -99,7 +99,8 @@ def run(ctx: RunContext) -> OnnxResult:
         return OnnxResult(status="fail", message=f"ONNX Runtime: {error_line(exc)}", numbers=numbers)
     against = ctx.unfolded_outputs is not None  # without them there was no --against, or the fold stage failed
     expected = ctx.unfolded_outputs if ctx.unfolded_outputs is not None else plain_outputs
-    numbers["compared"] = "ONNX Runtime vs " + ("PAIRED unfolded in PyTorch" if against else "PLAIN in PyTorch")
+    reference = "the certificate's unfolded outputs" if ctx.paired is None else "PAIRED unfolded in PyTorch"
+    numbers["compared"] = "ONNX Runtime vs " + (reference if against else "PLAIN in PyTorch")
     tol = ctx.tol["onnx"]
     ok, found, line = verdict(compare_batches(ort_out, expected, tol), tol)
     numbers |= found
@@ -107,7 +108,11 @@ def run(ctx: RunContext) -> OnnxResult:
         _, vs_plain, _ = summarize(compare_batches(ort_out, plain_outputs, tol))
         numbers["vs_plain_pytorch_max_abs"] = vs_plain.get("max_abs")
         line += f" (ORT vs PLAIN in PyTorch: max abs {vs_plain.get('max_abs', 0.0):.3g})"
-    what = "ORT vs unfolded PyTorch" if against else "ORT vs PyTorch"
+    what = (
+        ("ORT vs certified unfolded outputs" if ctx.paired is None else "ORT vs unfolded PyTorch")
+        if against
+        else "ORT vs PyTorch"
+    )
     cached = " (bound from the export cache)" if graph.cache == "hit" else ""
     return OnnxResult(
         status="pass" if ok else "fail",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from mmsurgery.certificate import TensorDigest, tensor_sha256
 from mmsurgery.checkpoint.dtypes import FLOATING, ITEMSIZE
 from mmsurgery.checkpoint.hashing import HashJob
 from mmsurgery.checkpoint.loaded import Checkpoint, TensorInfo
@@ -159,20 +160,22 @@ def _fold_dtype(plain: Checkpoint, paired: PairedCheckpoint) -> str:
 
 
 def _prefetch(
-    source: PlainTensors, plain: Checkpoint, names: list[str], ahead: int = 1
-) -> Iterator[tuple[str, Tensor, Tensor]]:
+    source: PlainTensors, plain: Checkpoint, names: list[str], ahead: int = 1, digests: bool = False
+) -> Iterator[tuple[str, Tensor, Tensor, str | None]]:
     """(name, actual, expected) in order, read and folded `ahead` tensors ahead on as many worker threads: file
     reads and torch kernels release the GIL, so reading the next pair overlaps comparing this one. At most
     `ahead` + 1 pairs are in memory at once. One ahead is enough: the fold's kernels already use both cores
-    (measured on ViT-L: 2 ahead took 3.19 s and 380 MB, 1 ahead 3.06 s and 260 MB; benchmarks/weights.py)."""
+    (measured on ViT-L: 2 ahead took 3.19 s and 380 MB, 1 ahead 3.06 s and 260 MB; benchmarks/weights.py).
+    With `digests`, the sha256 of each expected tensor (the fold's, for a certificate) is computed there too."""
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    def load(name: str) -> tuple[str, Tensor, Tensor]:
-        return name, plain.get(name), source.tensor(name)
+    def load(name: str) -> tuple[str, Tensor, Tensor, str | None]:
+        expected = source.tensor(name)
+        return name, plain.get(name), expected, tensor_sha256(expected) if digests else None
 
     with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="mmsurgery-weights") as pool:
-        pending: deque[Future[tuple[str, Tensor, Tensor]]] = deque()
+        pending: deque[Future[tuple[str, Tensor, Tensor, str | None]]] = deque()
         todo = iter(names)
         for name in todo:
             pending.append(pool.submit(load, name))
@@ -209,18 +212,32 @@ class WeightsResult(StageResult):
 
 
 def run(ctx: RunContext) -> WeightsResult:
-    """The stage as the gate runs it: PLAIN against the fold of PAIRED."""
+    """The stage as the gate runs it: PLAIN against the fold of PAIRED. With a certificate to write or to
+    cross-check, the fold's digests and dtype are left in the context (`fold_digests`, `fold_dtype`)."""
     assert ctx.paired is not None
-    return check_weights(ctx.plain_ck, ctx.paired, ctx.options.weights_ulps)
+    collect = ctx.certificate_out is not None or ctx.certificate is not None
+    digests: list[TensorDigest] | None = [] if collect else None
+    result = check_weights(ctx.plain_ck, ctx.paired, ctx.options.weights_ulps, digests=digests)
+    ctx.fold_digests, ctx.fold_dtype = digests, str(result.numbers.get("fold_dtype", "keep"))
+    return result
 
 
-def check_weights(plain: Checkpoint, paired: PairedCheckpoint | Checkpoint, max_ulps: int = 0) -> WeightsResult:
+def check_weights(
+    plain: Checkpoint,
+    paired: PairedCheckpoint | Checkpoint,
+    max_ulps: int = 0,
+    *,
+    digests: list[TensorDigest] | None = None,
+) -> WeightsResult:
     """Compare PLAIN with the fold of PAIRED, tensor by tensor (see the module docstring). Raises `FoldError`
     (bad input) when PAIRED cannot be folded at all.
 
     A PLAIN that records its source (`fold --source-hash`: `mmsurgery.source_sha256`) must name this PAIRED: its
     sha256 is computed on a second thread while the tensors are compared, and a different digest fails the stage
-    even when every tensor matches (PLAIN claims another origin than the file it is gated against)."""
+    even when every tensor matches (PLAIN claims another origin than the file it is gated against).
+
+    `digests`, a list, receives the name, dtype, shape and sha256 of every expected tensor compared (the fold of
+    PAIRED as computed here, never PLAIN's): what a certificate records."""
     if not isinstance(paired, PairedCheckpoint):
         paired = paired_view(paired)
     recorded = plain.metadata.get(SOURCE_KEY)
@@ -244,7 +261,10 @@ def check_weights(plain: Checkpoint, paired: PairedCheckpoint | Checkpoint, max_
     names = [k for k in expected if k in plain.infos and k not in bad]
     diffs: list[TensorDiff] = []
     nbytes = 0
-    for name, actual, want in _prefetch(source, plain, names):
+    for name, actual, want, sha in _prefetch(source, plain, names, digests=digests is not None):
+        if digests is not None and sha is not None:
+            spec = expected[name]
+            digests.append(TensorDigest(name=name, dtype=spec.dtype, shape=tuple(spec.shape), sha256=sha))
         diff = compare_bits(name, actual, want, max_ulps)
         if diff is None:
             nbytes += want.numel() * want.element_size()
