@@ -73,7 +73,9 @@ __all__ = [
     "group_pathway_keys",
     "is_pathway_key",
     "metadata_json",
+    "missing_key",
     "module_of",
+    "numbering_problem",
     "open_paired",
     "paired_format_value",
     "paired_metadata",
@@ -137,13 +139,32 @@ def is_pathway_key(name: str) -> bool:
 
 def group_pathway_keys(names: Iterable[str]) -> dict[str, dict[int, dict[str, str]]]:
     """The pathway keys among `names`, grouped: module path → auxiliary index → kind (`aux`, `scale`) → key, in
-    name order. Other keys are left out; whether each group is complete is the caller's check."""
+    name order. Other keys are left out; whether each group is complete is the caller's check (`numbering_problem`,
+    `missing_key`: what `find_pathways` and `pathway.attach` check)."""
     groups: dict[str, dict[int, dict[str, str]]] = {}
     for name in names:
         key = parse_key(name)
         if key is not None:
             groups.setdefault(key.module, {}).setdefault(key.index, {})[key.kind] = name
     return groups
+
+
+def numbering_problem(indices: Sequence[int]) -> str | None:
+    """Why one linear's auxiliary indices (sorted, as `group_pathway_keys` found them) are not 0, 1, ... n-1 with
+    no gap, or None."""
+    if list(indices) != list(range(len(indices))):
+        return f"auxiliaries numbered {list(indices)}; expected 0..{len(indices) - 1} with no gap"
+    return None
+
+
+def missing_key(k: int, kinds: Mapping[str, str]) -> str | None:
+    """Which of auxiliary `k`'s two tensors (`aux_weight[_k]`, `cross_modal_scale[_k]`) one linear lacks, given its
+    keys by kind (a `group_pathway_keys` entry), or None: a pathway has both or neither."""
+    if "scale" not in kinds:
+        return f"{aux_suffix(k)} without {scale_suffix(k)}"
+    if "aux" not in kinds:
+        return f"no {aux_suffix(k)}"
+    return None
 
 
 V = TypeVar("V")
@@ -437,16 +458,14 @@ def find_pathways(shapes: Mapping[str, Sequence[int]], where: object = "checkpoi
         label = module or "(top level)"
         weight = shapes.get(weight_key(module))
         indices = sorted(per_aux)
-        if indices != list(range(len(indices))):
-            problems.append(f"{label}: auxiliaries numbered {indices}; expected 0..{len(indices) - 1} with no gap")
+        if (why := numbering_problem(indices)) is not None:
+            problems.append(f"{label}: {why}")
             continue
         scale_shapes = []
         for k in indices:
             kinds = per_aux[k]
-            if "scale" not in kinds:
-                problems.append(f"{label}: {aux_suffix(k)} without {scale_suffix(k)}")
-            elif "aux" not in kinds:
-                problems.append(f"{label}: no {aux_suffix(k)}")
+            if (why := missing_key(k, kinds)) is not None:
+                problems.append(f"{label}: {why}")
             elif weight is None:
                 problems.append(f"{label}: no weight")
             elif tuple(shapes[kinds["aux"]]) != tuple(weight):

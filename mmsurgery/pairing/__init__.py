@@ -20,6 +20,7 @@ from mmsurgery.pairing.align import DEFAULT_ROLES, DEPTH_POLICIES, align, depth_
 from mmsurgery.pairing.paired import PairedWrite, VitRecord, default_output, vit_metadata, write_paired
 from mmsurgery.pairing.plan import Pair, Plan, Skip, Source
 from mmsurgery.pairing.transforms import Transform
+from mmsurgery.per_aux import per_aux
 
 __all__ = [
     "DEFAULT_ROLES",
@@ -53,18 +54,6 @@ class PairResult:
         data["output"] = str(self.output) if self.output else None
         data["vit"] = self.vit.to_json() if self.vit is not None else None
         return data
-
-
-def _per_aux(value: Any, n: int, option: str) -> list[Any]:
-    """One value for every auxiliary, or one per auxiliary."""
-    if value is None or isinstance(value, (str, os.PathLike, Mapping)):
-        return [value] * n
-    values = list(value)
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise BadInputError(f"{option}: {len(values)} values for {n} auxiliary models; give one, or one per model")
-    return values
 
 
 def _common(plans: list[Plan], strict: bool = False) -> list[Plan]:
@@ -182,8 +171,10 @@ def pair(
     if not aux_paths:
         raise BadInputError("pair needs at least one auxiliary model")
     n = len(aux_paths)
-    depths, maps = _per_aux(depth, n, "--depth"), _per_aux(map_file, n, "--map")
-    stacks, keys = _per_aux(aux_stack, n, "--aux-stack"), _per_aux(aux_entry, n, "--aux-key")
+    depths = per_aux(depth, n, "--depth", lone_list_for_all=True)
+    maps = per_aux(map_file, n, "--map", lone_list_for_all=True)
+    stacks = per_aux(aux_stack, n, "--aux-stack", lone_list_for_all=True)
+    keys = per_aux(aux_entry, n, "--aux-key", lone_list_for_all=True)
     with contextlib.ExitStack() as stack:
         t = stack.enter_context(open_checkpoint(target, key=target_entry))
         auxes = [stack.enter_context(open_checkpoint(a, key=k)) for a, k in zip(aux_paths, keys, strict=True)]
