@@ -162,3 +162,23 @@ def test_attach_to_one_copy_leaves_a_shared_parametrized_class_alone() -> None:
     x = torch.randn(2, 4)
     assert torch.equal(clone(x), F.linear(x, clone[0].weight, clone[0].bias))
     assert torch.allclose(original(x), clone(x) + 0.5 * x.sum(1, keepdim=True), atol=1e-6)
+
+
+def test_pickles_name_only_the_five_stable_pathway_globals() -> None:
+    """A whole attached model pickles by reference to five names of the pathway; pickles written before
+    `mmsurgery/pathway.py` became a package name them `mmsurgery.pathway.<name>`, so they must stay exactly there
+    (a move inside the package must not change what a pickle refers to)."""
+    import io
+
+    seen: set[tuple[str, str]] = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str):  # type: ignore[override]
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    model = attach(tiny_vit(0), make_paired_state(tiny_vit(0)))
+    Recording(io.BytesIO(pickle.dumps(model))).load()
+    pathway = {(m, n) for m, n in seen if m.startswith("mmsurgery.pathway")}
+    names = ("Pathway", "_rebuild_parametrized", "_state_dict_post_hook", "_load_pre_hook", "_load_post_hook")
+    assert pathway == {("mmsurgery.pathway", n) for n in names}
