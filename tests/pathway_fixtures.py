@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,3 +64,37 @@ def train_steps(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 3, lr: f
 
 def state_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def tiny_pair(
+    folder: Path, *, target: str = "target.safetensors", aux: str = "aux.safetensors", paired: str = "p.safetensors"
+) -> Path:
+    """A tiny ViT target (seed 0) and auxiliary (seed 1) saved in `folder`, and their paired file (`--heads 2`,
+    λ = 0): the starting point the verify and CLI tests share."""
+    from safetensors.torch import save_file
+
+    from mmsurgery.pairing import pair
+
+    save_file(tiny_vit(0).state_dict(), folder / target)
+    save_file(tiny_vit(1).state_dict(), folder / aux)
+    return pair(folder / target, folder / aux, folder / paired, heads=2).output
+
+
+def trained_like(paired: Path, out: Path, *, seed: int = 2, lam: float | None = None, sign: float = 1.0) -> Path:
+    """`paired` as training leaves it, saved to `out` with its metadata: by default λ ~ 0.2 + N(0, 0.3²) (times
+    `sign`) and every other tensor moved by N(0, 0.01²) (no all-ones LayerNorm or zero bias left for an exporter
+    to fold away); with `lam`, λ = `lam` in every pathway and nothing else changed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(paired, "pt") as f:
+        meta = dict(f.metadata() or {})
+    sd = load_file(paired)
+    g = torch.Generator().manual_seed(seed)
+    for k in sd:
+        if k.endswith("cross_modal_scale"):
+            sd[k] = torch.full_like(sd[k], lam) if lam is not None else sign * (torch.randn(1, generator=g) * 0.3 + 0.2)
+        elif lam is None:
+            sd[k] = sd[k] + 0.01 * torch.randn(sd[k].shape, generator=g)
+    save_file(sd, out, metadata=meta)
+    return out

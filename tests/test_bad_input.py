@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from pathway_fixtures import tiny_vit
+from pathway_fixtures import tiny_pair, tiny_vit, trained_like
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -71,17 +71,11 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A tiny timm ViT target and auxiliary; their paired file (λ 0.25) and its fold; the paired file as a sharded
     folder and as a Hugging Face model folder; a plain sharded target."""
     d = tmp_path_factory.mktemp("bad_input")
-    save_file(tiny_vit(0).state_dict(), d / "t.safetensors")
-    save_file(tiny_vit(1).state_dict(), d / "a.safetensors")
-    r = mmsurgery("pair", d / "t.safetensors", d / "a.safetensors", "-o", d / "p0.safetensors", "--heads", "2", "-q")
-    assert r.returncode == 0, r.stderr
-    with safe_open(d / "p0.safetensors", "pt") as f:
+    paired = tiny_pair(d, target="t.safetensors", aux="a.safetensors", paired="p0.safetensors")
+    trained_like(paired, d / "p.safetensors", lam=0.25)
+    with safe_open(d / "p.safetensors", "pt") as f:
         meta = dict(f.metadata() or {})
-    state = {
-        k: torch.full_like(v, 0.25) if k.endswith("cross_modal_scale") else v
-        for k, v in load_file(d / "p0.safetensors").items()
-    }
-    save_file(state, d / "p.safetensors", metadata=meta)
+    state = load_file(d / "p.safetensors")
     assert mmsurgery("fold", d / "p.safetensors", "-o", d / "plain.safetensors", "-q").returncode == 0
     write_safetensors(d / "sh", [*state.items()], metadata=meta, shard_size="40KB")
     (d / "hf").mkdir()

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pathway_fixtures import tiny_pair, trained_like
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mmsurgery.models.vit import VisionTransformer, ViTConfig
+from mmsurgery.models.vit import ViTConfig
 
 CFG = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 SCRIPT = Path(sys.executable).with_name("mmsurgery")
@@ -39,19 +40,10 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
 def files(tmp_path_factory) -> SimpleNamespace:
     """A paired tiny ViT (λ 0.3, --heads 2) and its fold; a copy of it whose W_aux is NaN in two linears."""
     d = tmp_path_factory.mktemp("mistakes")
-    torch.manual_seed(0)
-    save_file(VisionTransformer(CFG).state_dict(), d / "target.safetensors")
-    torch.manual_seed(1)
-    save_file(VisionTransformer(CFG).state_dict(), d / "aux.safetensors")
-    r = mmsurgery("pair", d / "target.safetensors", d / "aux.safetensors", "-o", d / "p.safetensors", "--heads", "2")
-    assert r.returncode == 0, r.stderr
-    with safe_open(d / "p.safetensors", "pt") as f:
+    trained_like(tiny_pair(d), d / "paired.safetensors", lam=0.3)
+    with safe_open(d / "paired.safetensors", "pt") as f:
         meta = dict(f.metadata() or {})
-    sd = {
-        k: torch.full_like(v, 0.3) if k.endswith("cross_modal_scale") else v
-        for k, v in load_file(d / "p.safetensors").items()
-    }
-    save_file(sd, d / "paired.safetensors", metadata=meta)
+    sd = load_file(d / "paired.safetensors")
     assert mmsurgery("fold", d / "paired.safetensors", "-o", d / "plain.safetensors").returncode == 0
     for k in ("blocks.0.attn.qkv.aux_weight", "blocks.1.mlp.fc1.aux_weight"):
         sd[k] = torch.full_like(sd[k], float("nan"))

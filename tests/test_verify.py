@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pathway_fixtures import tiny_pair, trained_like
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -19,7 +20,6 @@ from mmsurgery.cli import _bare_onnx
 from mmsurgery.errors import BadInputError
 from mmsurgery.fold import fold_file
 from mmsurgery.models.vit import METADATA_KEY, VisionTransformer, ViTConfig
-from mmsurgery.pairing import pair
 from mmsurgery.verify import Report, StageResult, load_arch, verify
 from mmsurgery.verify.compare import Comparison
 from mmsurgery.verify.latency import latency_result, measure
@@ -38,20 +38,10 @@ def _metadata(path: Path) -> dict[str, str]:
 def ck(tmp_path_factory) -> SimpleNamespace:
     """A trained paired tiny ViT (random non-zero λ, W_aux moved), its fold, and broken variants of the fold."""
     d = tmp_path_factory.mktemp("verify")
-    torch.manual_seed(0)
-    save_file(VisionTransformer(CFG).state_dict(), d / "target.safetensors")
-    torch.manual_seed(1)
-    save_file(VisionTransformer(CFG).state_dict(), d / "aux.safetensors")
-    paired = pair(d / "target.safetensors", d / "aux.safetensors", d / "p.safetensors", heads=2).output
-    sd, meta = load_file(paired), _metadata(paired)
+    trained = trained_like(tiny_pair(d), d / "trained.safetensors")
+    sd = load_file(trained)
     g = torch.Generator().manual_seed(2)
-    for k in sd:
-        if k.endswith("cross_modal_scale"):
-            sd[k] = torch.randn(1, generator=g) * 0.3 + 0.2
-        else:  # training moves every tensor: no all-ones LayerNorm or zero bias left for an exporter to fold away
-            sd[k] = sd[k] + 0.01 * torch.randn(sd[k].shape, generator=g)
-    save_file(sd, d / "trained.safetensors", metadata=meta)
-    plain = fold_file(d / "trained.safetensors", d / "plain.safetensors").output
+    plain = fold_file(trained, d / "plain.safetensors").output
     plain_sd, plain_meta = load_file(plain), _metadata(plain)
 
     # one weight tensor off by noise of std 1e-3 (a single element off by 1e-3 moves the logits by ~1e-4: the fold

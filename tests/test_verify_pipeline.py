@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pathway_fixtures import tiny_pair, trained_like
 from safetensors.torch import load_file, save_file
 
 import mmsurgery.verify.context as context_module
@@ -24,7 +25,6 @@ from mmsurgery.errors import BadInputError
 from mmsurgery.fold import fold_file
 from mmsurgery.models.vit import VisionTransformer, ViTConfig
 from mmsurgery.paired_format import open_paired
-from mmsurgery.pairing import pair
 from mmsurgery.verify import Report, cost, fold_stage, keys, latency, load_arch, memory, onnx_stage, verify, weights
 from mmsurgery.verify.context import NEEDS, STAGES, Options, RunContext
 from mmsurgery.verify.gate import _run_stages
@@ -36,20 +36,7 @@ CFG = ViTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, n
 def ck(tmp_path_factory) -> SimpleNamespace:
     """A trained-looking paired tiny ViT (λ ≠ 0, every tensor moved) and its fold."""
     d = tmp_path_factory.mktemp("pipeline")
-    for seed, name in ((0, "target"), (1, "aux")):
-        torch.manual_seed(seed)
-        save_file(VisionTransformer(CFG).state_dict(), d / f"{name}.safetensors")
-    paired = pair(d / "target.safetensors", d / "aux.safetensors", d / "p.safetensors", heads=2).output
-    with open_checkpoint(paired) as f:
-        meta = dict(f.metadata)
-    sd = load_file(paired)
-    g = torch.Generator().manual_seed(2)
-    for k in sd:
-        if k.endswith("cross_modal_scale"):
-            sd[k] = torch.randn(1, generator=g) * 0.3 + 0.2
-        else:
-            sd[k] = sd[k] + 0.01 * torch.randn(sd[k].shape, generator=g)
-    save_file(sd, d / "trained.safetensors", metadata=meta)
+    trained_like(tiny_pair(d), d / "trained.safetensors")
     plain = fold_file(d / "trained.safetensors", d / "plain.safetensors").output
     return SimpleNamespace(dir=d, plain=plain, trained=d / "trained.safetensors")
 

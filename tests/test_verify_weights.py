@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pathway_fixtures import trained_like
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -37,15 +38,7 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def _trained(paired: Path, out: Path, seed: int, sign: float = 1.0) -> Path:
     """`paired` as training leaves it: λ ~ 0.2 + N(0, 0.3²) (times `sign`), every tensor moved a little."""
-    sd, meta = load_file(paired), _metadata(paired)
-    g = torch.Generator().manual_seed(seed)
-    for k in sd:
-        if k.endswith("cross_modal_scale"):
-            sd[k] = sign * (torch.randn(1, generator=g) * 0.3 + 0.2)
-        else:
-            sd[k] = sd[k] + 0.01 * torch.randn(sd[k].shape, generator=g)
-    save_file(sd, out, metadata=meta)
-    return out
+    return trained_like(paired, out, seed=seed, sign=sign)
 
 
 def _negated(trained: Path, out: Path) -> Path:

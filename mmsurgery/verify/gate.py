@@ -235,7 +235,7 @@ def verify(
             certified.check_inputs(ctx, cert.outputs)  # the recorded outputs are of these inputs, or bad input
             ctx.unfolded_outputs = cert.outputs.tensors()  # the reference of the fold and onnx stages
         results = _run_stages(ctx, chosen, asked is not None, preloading)
-        input_names = _input_names(ctx)
+        input_names = _input_names(ctx) if set(chosen) & {"keys", *_MODEL_STAGES} else None
         inputs_seen = ctx._inputs or {}
         certificate_report = _certificate_outcome(ctx, results, chosen, cert, cert_out, certificate)
         ctx.release(frozenset())
