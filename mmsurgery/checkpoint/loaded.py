@@ -47,6 +47,7 @@ class Checkpoint:
 
     def __init__(
         self,
+        *,
         path: Path,
         fmt: str,
         files: list[Path],

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PairResult:
     plan: Plan  # the first auxiliary's plan (the only one, with one auxiliary)
     output: Path | None  # what to open or `from_pretrained`: a model folder, an index, or the file; None: dry run
@@ -190,7 +190,7 @@ def pair(
 
         if dry_run:
             plans = _common([align(t, a, **options(k)) for k, a in enumerate(auxes)], strict)
-            return PairResult(plans[0], None, None, tuple(plans), vit=vit_metadata(t, heads))
+            return PairResult(plan=plans[0], output=None, written=None, plans=tuple(plans), vit=vit_metadata(t, heads))
         jobs = [HashJob(t.files, t.open_pinned)]  # hashed on the other core while tensors stream
         jobs += [HashJob(a.files, a.open_pinned) for a in auxes]
         plans = _common([align(t, a, hash_inputs=False, **options(k)) for k, a in enumerate(auxes)], strict)
@@ -217,4 +217,4 @@ def pair(
             for k, pl in enumerate(plans)
         )
         output = written.result.path.parent if extra_files is not None else written.result.path
-        return PairResult(final[0], output, written, final, vit=written.vit)
+        return PairResult(plan=final[0], output=output, written=written, plans=final, vit=written.vit)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,11 @@ class VitRecord:
         return {"config": dict(self.config), "heads_from": self.heads_from, "inferred": list(self.inferred)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PairedWrite:
     result: WriteResult
     metadata: dict[str, str]
-    vit: VitRecord | None = field(default=None, kw_only=True)
+    vit: VitRecord | None = None
 
 
 def default_output(target: Path) -> Path:
@@ -204,4 +204,4 @@ def write_paired(
             dict(zip(provenance_keys(len(plans)), (job.result() for job in digests), strict=True)) if digests else {}
         )
         result = w.commit(patch=patch)
-        return PairedWrite(result, metadata | patch, vit=vit)
+        return PairedWrite(result=result, metadata=metadata | patch, vit=vit)

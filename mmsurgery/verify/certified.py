@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 _LISTED = 20
+HASH_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 RULE = "sha256 per tensor (certificate)"
 
 
@@ -55,22 +59,28 @@ def _names(items: Sequence[str]) -> str:
     return ", ".join(items[:3]) + more
 
 
-def _hashed(plain: Checkpoint, names: list[str]) -> Iterator[tuple[str, str]]:
-    """(name, sha256 of PLAIN's tensor), reading the next tensor into one of two reused buffers on a worker
-    thread while this one is hashed (file reads and hashlib both release the GIL): flat memory, one pass."""
+def _hashed(plain: Checkpoint, names: list[str], workers: int = HASH_WORKERS) -> Iterator[tuple[str, str]]:
+    """(name, sha256 of PLAIN's tensor) in order, each tensor read into its worker's reused buffer and hashed
+    there, `workers` tensors at a time (file reads and hashlib both release the GIL, so they use the cores the
+    machine has): flat memory (one buffer of the largest tensor per worker), one pass over PLAIN."""
     largest = max((plain.infos[n].numel * ITEMSIZE[plain.infos[n].dtype] for n in names), default=0)
-    buffers = [torch.empty(max(largest, 1), dtype=torch.uint8) for _ in range(2)]
+    local = threading.local()
 
-    def read(i: int) -> Any:
-        return plain.read_into(names[i], buffers[i % 2])
+    def digest(name: str) -> str:
+        if not hasattr(local, "buffer"):
+            local.buffer = torch.empty(max(largest, 1), dtype=torch.uint8)
+        return tensor_sha256(plain.read_into(name, local.buffer))
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsurgery-certificate") as pool:
-        pending: Future[Any] | None = pool.submit(read, 0) if names else None
-        for i, name in enumerate(names):
-            assert pending is not None
-            tensor = pending.result()
-            pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
-            yield name, tensor_sha256(tensor)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmsurgery-certificate") as pool:
+        pending: deque[tuple[str, Future[str]]] = deque()
+        for name in names:
+            pending.append((name, pool.submit(digest, name)))
+            if len(pending) > workers:
+                first, job = pending.popleft()
+                yield first, job.result()
+        while pending:
+            first, job = pending.popleft()
+            yield first, job.result()
 
 
 def check_digests(plain: Checkpoint, cert: Certificate) -> WeightsResult:

@@ -79,7 +79,17 @@ def open_dcp(folder: Path, key: str | None = None) -> Checkpoint:
         pins.close()
         raise
     files = [meta, *(folder / f for f in layout.files)]
-    return Checkpoint(folder, DCP_FORMAT, files, infos, {}, loader, names.path, names.alternatives, names.ignored)
+    return Checkpoint(
+        path=folder,
+        fmt=DCP_FORMAT,
+        files=files,
+        infos=infos,
+        metadata={},
+        loader=loader,
+        unwrap_path=names.path,
+        alternatives=names.alternatives,
+        ignored=names.ignored,
+    )
 
 
 def _read_metadata(pins: _FilePins, meta: Path) -> bytes:

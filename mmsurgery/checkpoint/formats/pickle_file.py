@@ -62,7 +62,17 @@ def from_tensors(
     """A `Checkpoint` of unwrapped, loaded `tensors`, their names stripped of `module.` / `_orig_mod.`."""
     tensors = naming(p, strip_prefixes, tensors)
     infos = {n: TensorInfo(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
-    return Checkpoint(p, fmt, files, infos, {}, _DictLoader(tensors), path, alternatives, ignored)
+    return Checkpoint(
+        path=p,
+        fmt=fmt,
+        files=files,
+        infos=infos,
+        metadata={},
+        loader=_DictLoader(tensors),
+        unwrap_path=path,
+        alternatives=alternatives,
+        ignored=ignored,
+    )
 
 
 def _claims(p: Path) -> bool:

@@ -89,7 +89,7 @@ def open_safetensors(p: Path) -> Checkpoint:
     except BaseException:
         pins.close()
         raise
-    return Checkpoint(p, "safetensors", [p], infos, header.metadata, loader)
+    return Checkpoint(path=p, fmt="safetensors", files=[p], infos=infos, metadata=header.metadata, loader=loader)
 
 
 def _claims(p: Path) -> bool:

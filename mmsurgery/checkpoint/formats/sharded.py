@@ -59,7 +59,7 @@ def open_sharded(index: Path, key: str | None) -> Checkpoint:
     except BaseException:
         pins.close()
         raise
-    return Checkpoint(index, "safetensors-sharded", files, infos, metadata, loader)
+    return Checkpoint(path=index, fmt="safetensors-sharded", files=files, infos=infos, metadata=metadata, loader=loader)
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
