@@ -37,7 +37,7 @@ from mmsurgery.verify.context import RunContext
 from mmsurgery.verify.cost import CostResult
 from mmsurgery.verify.fold_stage import FoldStageResult
 from mmsurgery.verify.report import StageResult, skipped
-from mmsurgery.verify.weights import WeightsResult
+from mmsurgery.verify.weights import WeightsResult, check_headers
 
 __all__ = [
     "against_recorded",
@@ -86,20 +86,8 @@ def _hashed(plain: Checkpoint, names: list[str], workers: int = HASH_WORKERS) ->
 def check_digests(plain: Checkpoint, cert: Certificate) -> WeightsResult:
     """PLAIN against the certificate's tensor list: names, dtypes, shapes and the sha256 of every tensor."""
     expected = cert.by_name
-    missing = [n for n in expected if n not in plain.infos]
-    unexpected = [n for n in plain.infos if n not in expected]
-    shapes = [
-        {"key": n, "shape": list(plain.infos[n].shape), "expected": list(t.shape)}
-        for n, t in expected.items()
-        if n in plain.infos and tuple(plain.infos[n].shape) != t.shape
-    ]
-    dtypes = [
-        {"key": n, "dtype": plain.infos[n].dtype, "expected": t.dtype}
-        for n, t in expected.items()
-        if n in plain.infos and tuple(plain.infos[n].shape) == t.shape and plain.infos[n].dtype != t.dtype
-    ]
-    bad = {d["key"] for d in shapes} | {d["key"] for d in dtypes}
-    names = [n for n in expected if n in plain.infos and n not in bad]
+    headers = check_headers(plain.infos, expected)
+    names = headers.names
     differing: list[dict[str, str]] = []
     nbytes = 0
     for name, digest in _hashed(plain, names):
@@ -118,10 +106,7 @@ def check_digests(plain: Checkpoint, cert: Certificate) -> WeightsResult:
         "identical_bytes": nbytes,
         "differing_tensors": len(differing),
         "differing": differing[:_LISTED],
-        "missing": missing[:_LISTED],
-        "unexpected": unexpected[:_LISTED],
-        "shape_mismatch": shapes[:_LISTED],
-        "dtype_mismatch": dtypes[:_LISTED],
+        **headers.to_json(),
         "source_sha256": {"recorded": recorded, "paired": cert.paired_sha256} if recorded is not None else None,
         "compared": "PLAIN's tensors vs the sha256 the certificate recorded for the fold of PAIRED",
     }
@@ -137,16 +122,7 @@ def check_digests(plain: Checkpoint, cert: Certificate) -> WeightsResult:
             f"not the certified fold{more}: {differing[0]['name']}: sha256 {differing[0]['sha256'][:16]}… vs "
             f"{differing[0]['expected'][:16]}… certified"
         )
-    if missing:
-        problems.append(f"{len(missing)} certified tensor(s) missing: {_names(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) the certificate does not list: {_names(unexpected)}")
-    if shapes:
-        s = shapes[0]
-        problems.append(f"{len(shapes)} shape mismatch(es), e.g. {s['key']} {s['shape']} vs {s['expected']} certified")
-    if dtypes:
-        d = dtypes[0]
-        problems.append(f"{len(dtypes)} dtype mismatch(es), e.g. {d['key']} {d['dtype']} vs {d['expected']} certified")
+    problems += headers.problems("the certified fold", f" (certified fold --dtype {cert.fold_dtype})")
     counts = {"rule": RULE, "identical_tensors": len(names) - len(differing), "differing_tensors": len(differing)}
     if problems:
         return WeightsResult(status="fail", message="; ".join(problems), numbers=numbers, **counts)

@@ -13,9 +13,9 @@ bounded chunk of integer work on a tensor that differs).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -189,6 +189,74 @@ def _prefetch(
             yield item
 
 
+class _Described(Protocol):
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def dtype(self) -> str: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeaderCheck:
+    """PLAIN's names, shapes and dtypes against the tensors it should hold, before any data is read."""
+
+    missing: list[str]  # expected, not in PLAIN
+    unexpected: list[str]  # in PLAIN, not expected
+    shapes: list[dict[str, Any]]  # {key, shape, expected}
+    dtypes: list[dict[str, Any]]  # {key, dtype, expected}: same shape, other dtype
+    names: list[str]  # expected tensors PLAIN holds with the right shape and dtype: the ones to compare, in order
+
+    def problems(self, reference: str, dtype_note: str = "") -> list[str]:
+        """One line per kind of mismatch, naming `reference` ("the fold", "the certified fold")."""
+        out = []
+        if self.missing:
+            out.append(f"{len(self.missing)} tensor(s) of {reference} missing: {_names(self.missing)}")
+        if self.unexpected:
+            out.append(f"{len(self.unexpected)} tensor(s) {reference} does not make: {_names(self.unexpected)}")
+        if self.shapes:
+            s = self.shapes[0]
+            out.append(
+                f"{len(self.shapes)} shape mismatch(es), e.g. {s['key']} {s['shape']} vs {s['expected']} expected"
+            )
+        if self.dtypes:
+            d = self.dtypes[0]
+            out.append(
+                f"{len(self.dtypes)} dtype mismatch(es), e.g. {d['key']} {d['dtype']} vs {d['expected']} "
+                f"expected{dtype_note}"
+            )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "missing": _clip(self.missing),
+            "unexpected": _clip(self.unexpected),
+            "shape_mismatch": _clip(self.shapes),
+            "dtype_mismatch": _clip(self.dtypes),
+        }
+
+
+def check_headers(plain: Mapping[str, TensorInfo], expected: Mapping[str, _Described]) -> HeaderCheck:
+    """Compare PLAIN's headers (`plain`: name -> info) with the expected tensors' names, shapes and dtypes."""
+    shapes = [
+        {"key": k, "shape": list(plain[k].shape), "expected": list(e.shape)}
+        for k, e in expected.items()
+        if k in plain and tuple(plain[k].shape) != tuple(e.shape)
+    ]
+    dtypes = [
+        {"key": k, "dtype": plain[k].dtype, "expected": e.dtype}
+        for k, e in expected.items()
+        if k in plain and tuple(plain[k].shape) == tuple(e.shape) and plain[k].dtype != e.dtype
+    ]
+    bad = {d["key"] for d in shapes} | {d["key"] for d in dtypes}
+    return HeaderCheck(
+        missing=[k for k in expected if k not in plain],
+        unexpected=[k for k in plain if k not in expected],
+        shapes=shapes,
+        dtypes=dtypes,
+        names=[k for k in expected if k in plain and k not in bad],
+    )
+
+
 def _clip(items: list[Any]) -> list[Any]:
     return items[:_LISTED]
 
@@ -245,20 +313,8 @@ def check_weights(
     dtype = _fold_dtype(plain, paired)
     source = plain_tensors(paired, dtype)
     expected: dict[str, TensorInfo] = {s.name: s for s in source.specs}
-    missing = [k for k in expected if k not in plain.infos]
-    unexpected = [k for k in plain.infos if k not in expected]
-    shapes = [
-        {"key": k, "shape": list(plain.infos[k].shape), "expected": list(e.shape)}
-        for k, e in expected.items()
-        if k in plain.infos and plain.infos[k].shape != e.shape
-    ]
-    dtypes = [
-        {"key": k, "dtype": plain.infos[k].dtype, "expected": e.dtype}
-        for k, e in expected.items()
-        if k in plain.infos and plain.infos[k].shape == e.shape and plain.infos[k].dtype != e.dtype
-    ]
-    bad = {d["key"] for d in shapes} | {d["key"] for d in dtypes}
-    names = [k for k in expected if k in plain.infos and k not in bad]
+    headers = check_headers(plain.infos, expected)
+    names = headers.names
     diffs: list[TensorDiff] = []
     nbytes = 0
     for name, actual, want, sha in _prefetch(source, plain, names, digests=digests is not None):
@@ -282,10 +338,7 @@ def check_weights(
         "identical_bytes": nbytes,
         "differing_tensors": len(diffs),
         "differing": [d.to_json() for d in _clip(diffs)],
-        "missing": _clip(missing),
-        "unexpected": _clip(unexpected),
-        "shape_mismatch": _clip(shapes),
-        "dtype_mismatch": _clip(dtypes),
+        **headers.to_json(),
         "compared": f"PLAIN vs `mmsurgery fold --dtype {dtype}` of PAIRED, tensor by tensor",
     }
     digest = hashing.result() if hashing is not None else None
@@ -300,20 +353,7 @@ def check_weights(
         worst = max(diffs, key=lambda d: (d.ulps is None, d.ulps or 0))
         more = f" ({len(diffs)} tensors differ, worst first)" if len(diffs) > 1 else ""
         problems.append(f"not {rule}{more}: {worst.describe()}")
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) of the fold missing: {_names(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) the fold does not make: {_names(unexpected)}")
-    if shapes:
-        problems.append(
-            f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]['key']} {shapes[0]['shape']} vs "
-            f"{shapes[0]['expected']} expected"
-        )
-    if dtypes:
-        problems.append(
-            f"{len(dtypes)} dtype mismatch(es), e.g. {dtypes[0]['key']} {dtypes[0]['dtype']} vs "
-            f"{dtypes[0]['expected']} expected (fold --dtype {dtype})"
-        )
+    problems += headers.problems("the fold", f" (fold --dtype {dtype})")
     counts = {"rule": rule, "identical_tensors": len(names) - len(diffs), "differing_tensors": len(diffs)}
     if problems:
         return WeightsResult(status="fail", message="; ".join(problems), numbers=numbers, **counts)
