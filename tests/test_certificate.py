@@ -208,7 +208,11 @@ def _body_digest(body: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def test_a_sharded_set_and_a_model_folder_pass(c, tmp_path) -> None:
+def test_a_sharded_set_a_model_folder_and_a_dcp_folder_pass(c, tmp_path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
     state = load_file(c.plain)
     write_safetensors(tmp_path / "sh", list(state.items()), metadata=_metadata(c.plain), shard_size="40KB")
     assert len(list((tmp_path / "sh").glob("*.safetensors"))) > 1
@@ -216,7 +220,10 @@ def test_a_sharded_set_and_a_model_folder_pass(c, tmp_path) -> None:
     folder.mkdir()
     save_file(state, folder / "model.safetensors", metadata=_metadata(c.plain))
     (folder / "config.json").write_text('{"model_type": "vit"}')
-    for plain in (tmp_path / "sh", folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(dict(state), checkpoint_id=tmp_path / "dcp", no_dist=True)
+    for plain in (tmp_path / "sh", folder, tmp_path / "dcp"):
         r = mmsurgery("verify", plain, "--certificate", c.fold_cert, "--stages", "weights")
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"{len(state)} tensors" in r.stdout
