@@ -162,7 +162,7 @@ def test_every_tamper_fails_against_the_certificate_naming_the_tensor(c, cli, tm
     tampered = make(c)(sd, c)
     path = tmp_path / "tampered.safetensors"
     save_file(tampered, path, metadata=_metadata(c.plain))
-    r = cli("verify", path, "--certificate", c.cert, "--json", tmp_path / "r.json")
+    r = cli("verify", path, "--certificate", c.cert, "--json", tmp_path / "r.json", "--stages", "weights")
     assert r.code == 1, r.out + r.err
     assert "FAILED (weights" in r.out
     w = _report(tmp_path / "r.json")["weights"]

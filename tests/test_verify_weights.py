@@ -192,7 +192,7 @@ def test_every_tamper_fails_the_weights_stage_naming_the_tensor(arch, cli, tmp_p
     tampered = make(arch)(sd, arch)
     path = tmp_path / "tampered.safetensors"
     save_file(tampered, path, metadata=_metadata(arch.plain))
-    r, data = _verify(cli, path, arch, tmp_path / "r.json")
+    r, data = _verify(cli, path, arch, tmp_path / "r.json", "--stages", "weights")  # the stage under test
     assert r.code == 1, r.out + r.err
     assert "FAILED (weights" in r.out
     w = next(s for s in data["stages"] if s["name"] == "weights")

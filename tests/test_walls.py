@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmsurgery"
 MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
+
+
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """A module's syntax tree, parsed once per run (each wall walks every module)."""
+    return ast.parse(path.read_text())
 
 
 def _public_definitions(tree: ast.Module) -> list[str]:
@@ -27,7 +34,7 @@ def _public_definitions(tree: ast.Module) -> list[str]:
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
 def test_every_module_with_public_names_declares_all(path: Path) -> None:
-    tree = ast.parse(path.read_text())
+    tree = _tree(path)
     if not _public_definitions(tree):
         return  # a package marker or a docstring-only index: nothing to export
     module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
@@ -50,7 +57,7 @@ def _imports() -> dict[str, set[str]]:
     for path in MODULES:
         name = _module_name(path)
         edges: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(path)):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -110,7 +117,7 @@ def test_the_cycle_finder_sees_a_circle() -> None:
 
 def _code_strings(path: Path) -> list[tuple[int, str]]:
     """Every string constant of a module's code (f-string pieces included), docstrings left out."""
-    tree = ast.parse(path.read_text())
+    tree = _tree(path)
     docstrings = {
         id(node.body[0].value)
         for node in ast.walk(tree)
@@ -195,7 +202,7 @@ def test_only_the_contract_defines_the_rules_of_lambda(path: Path) -> None:
     if path.name == "paired_format.py" and path.parent == PACKAGE:
         return
     rules = {"scale_shape", "scale_problem", "block_view", "weight_key", "module_of"}
-    tree = ast.parse(path.read_text())
+    tree = _tree(path)
     defined = [
         n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in rules
     ]
