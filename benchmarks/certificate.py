@@ -55,7 +55,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import VITS, make_vit, run_measured
+from common import VITS, make_vit, run_measured, run_steps, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_VERSION = 1  # bump when the files change, so cached ones are rebuilt
@@ -120,15 +119,7 @@ def build(size: str, work: Path) -> dict[str, Any]:
         ("fold", fold, (trained,)),
         ("save_file", resave, ()),
     ]
-    seconds: dict[str, float] = {}
-    gb: dict[str, float] = {}
-    for name, step, done in steps:
-        t0 = time.perf_counter()
-        step()
-        seconds[name] = time.perf_counter() - t0
-        for f in done:
-            gb[f.stem] = f.stat().st_size / 1e9
-            f.unlink()
+    seconds, gb = run_steps(steps)
     lams = [abs(x) for v in folded["result"].scales.values() for x in _flat(v)]
     if not lams or min(lams) == 0.0:
         raise SystemExit(f"{size}: the fold's λ are not all non-zero ({len(lams)} λ, min |λ| {min(lams, default=0)})")
@@ -284,13 +275,6 @@ def measure(v: Variant, work: Path) -> dict[str, Any]:
 
 
 # ---- report -------------------------------------------------------------------------------------------------
-def spread(values: list[float], fmt: str = ".2f") -> str:
-    if not values:
-        return "-"
-    med = format(statistics.median(values), fmt)
-    return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
-
-
 def summarize(variants: list[Variant], keys: list[str]) -> list[dict[str, Any]]:
     """Per input, per round: the verify's wall, it minus the start-up median and minus the tiny verify's median,
     and its weights stage, each over the same round's sha256sum of that input."""

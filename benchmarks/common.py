@@ -270,3 +270,28 @@ def print_table(
             f"{min(ratios):.2f}–{max(ratios):.2f} | {median(rows, 'process_seconds'):.2f} | "
             f"{median(rows, 'rss_mb'):.0f} | {median(rows, 'anon_mb'):.0f} |"
         )
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """`median (min–max)` of `values` in `fmt`; the median alone for one value, `-` for none."""
+    if not values:
+        return "-"
+    med = format(statistics.median(values), fmt)
+    return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def run_steps(
+    steps: list[tuple[str, Callable[[], object], tuple[Path, ...]]],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Run build steps in order, each `(name, step, the files it frees)`: a freed file is measured (GB) and deleted
+    right after its step, so at most the files still needed are on disk. Returns (seconds per step, GB per file)."""
+    seconds: dict[str, float] = {}
+    gb: dict[str, float] = {}
+    for name, step, done in steps:
+        t0 = time.perf_counter()
+        step()
+        seconds[name] = time.perf_counter() - t0
+        for f in done:
+            gb[f.stem] = f.stat().st_size / 1e9
+            f.unlink()
+    return seconds, gb

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import VITS, make_vit, run_child, run_measured, vit_tensors
+from common import VITS, make_vit, run_child, run_measured, spread, vit_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_VERSION = 1
@@ -292,13 +292,6 @@ def make_variants(inputs: list[Input], cli: Path, work: Path) -> list[Variant]:
             Variant(f"fold.py method ({inp.key})", "inproc", inp.key, inproc, child_out),
         ]
     return variants
-
-
-def spread(values: list[float], fmt: str = ".2f") -> str:
-    if not values:
-        return "-"
-    med = format(statistics.median(values), fmt)
-    return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
 def summarize(variants: list[Variant], inputs: list[Input]) -> list[dict[str, Any]]:

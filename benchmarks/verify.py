@@ -47,14 +47,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import VITS, make_vit, run_measured, safetensors_numel
+from common import VITS, make_vit, run_measured, run_steps, safetensors_numel, spread
 
 STAGES = ("weights", "keys", "fold", "onnx", "cost", "latency")
 IMPORTS = "import torch, onnx, onnxruntime, mmsurgery.verify"
@@ -122,14 +121,7 @@ def build(size: str, work: Path) -> Built:
             ("train_like", lambda: train_like(paired, trained), (paired,)),
             ("fold", lambda: fold_file(trained, plain, force=True), ()),
         ]
-        gb: dict[str, float] = {}
-        for name, step, done in steps:  # at most PAIRED twice on disk at once
-            t0 = time.perf_counter()
-            step()
-            seconds[name] = time.perf_counter() - t0
-            for f in done:
-                gb[f.stem] = f.stat().st_size / 1e9
-                f.unlink()
+        seconds, gb = run_steps(steps)  # at most PAIRED twice on disk at once
         stamp.write_text(json.dumps({"key": want, "seconds": seconds, "gb": gb}, indent=1) + "\n")
     carried = vit_heads(plain) == spec.heads and vit_heads(trained) == spec.heads
     return Built(plain, trained, safetensors_numel(plain), carried, seconds)
@@ -208,11 +200,6 @@ def measure(v: Variant, work: Path, params: int, timeout: float | None) -> dict[
     if pr.exit_code != 0:
         row["output_tail"] = log.read_text(errors="replace")[-3000:]
     return row
-
-
-def spread(values: list[float], fmt: str) -> str:
-    med = format(statistics.median(values), fmt)
-    return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
 def stage_cell(rows: list[dict[str, Any]], name: str) -> str:
