@@ -155,6 +155,26 @@ def test_the_correct_fold_passes_with_either_certificate(c, tmp_path) -> None:
     assert "as certified" in stages["cost"]["message"]
 
 
+def test_the_recorded_outputs_tell_another_model_apart(c, tmp_path) -> None:
+    """The fold stage without PAIRED compares with outputs the certificate recorded, not with PLAIN's own: the fold
+    of another trained paired file (every folded weight different) fails it, and so does ONNX Runtime."""
+    r = mmsurgery(
+        "verify",
+        c.other_plain,
+        "--certificate",
+        c.cert,
+        "--onnx",
+        "--stages",
+        "fold,onnx",
+        "--json",
+        tmp_path / "r.json",
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    stages = _report(tmp_path / "r.json")
+    assert stages["fold"]["status"] == "fail" and stages["fold"]["numbers"]["max_abs"] > 1e-3
+    assert stages["onnx"]["status"] == "fail"
+
+
 @pytest.mark.parametrize("case", list(MATRIX))
 def test_every_tamper_fails_against_the_certificate_naming_the_tensor(c, cli, tmp_path, case) -> None:
     make, named = MATRIX[case]

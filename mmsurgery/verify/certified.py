@@ -37,7 +37,7 @@ from mmsurgery.verify.context import RunContext
 from mmsurgery.verify.cost import CostResult
 from mmsurgery.verify.fold_stage import FoldStageResult
 from mmsurgery.verify.report import StageResult, skipped
-from mmsurgery.verify.weights import WeightsResult, check_headers
+from mmsurgery.verify.weights import WeightsResult, check_headers, name_list, source_problem
 
 __all__ = [
     "against_recorded",
@@ -52,11 +52,6 @@ __all__ = [
 _LISTED = 20
 HASH_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 RULE = "sha256 per tensor (certificate)"
-
-
-def _names(items: Sequence[str]) -> str:
-    more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
-    return ", ".join(items[:3]) + more
 
 
 def _hashed(plain: Checkpoint, names: list[str], workers: int = HASH_WORKERS) -> Iterator[tuple[str, str]]:
@@ -111,11 +106,8 @@ def check_digests(plain: Checkpoint, cert: Certificate) -> WeightsResult:
         "compared": "PLAIN's tensors vs the sha256 the certificate recorded for the fold of PAIRED",
     }
     problems: list[str] = []
-    if recorded is not None and recorded != cert.paired_sha256:
-        problems.append(
-            f"PLAIN records that it was folded from another file: its {SOURCE_KEY} is {recorded[:16]}…, the "
-            f"certificate's PAIRED is {cert.paired_sha256[:16]}…"
-        )
+    if why := source_problem(recorded, cert.paired_sha256, "the certificate's PAIRED"):
+        problems.append(why)
     if differing:
         more = f" ({len(differing)} tensors differ)" if len(differing) > 1 else ""
         problems.append(
@@ -149,7 +141,7 @@ def cross_check(cert: Certificate, paired_sha256: str, digests: Sequence[TensorD
     absent = [n for n in ours if n not in cert.by_name]
     extra = [n for n in cert.by_name if n not in ours]
     if other:
-        problems.append(f"the certificate records {len(other)} tensor(s) unlike the fold of PAIRED: {_names(other)}")
+        problems.append(f"the certificate records {len(other)} tensor(s) unlike the fold of PAIRED: {name_list(other)}")
     if absent or extra:
         problems.append(f"the certificate lists other tensors than the fold ({len(absent)} absent, {len(extra)} extra)")
     return problems

@@ -164,16 +164,18 @@ class RunContext:
         self.certificate_out = certificate_out
         self.fold_digests: list[TensorDigest] | None = None
         self.fold_dtype = "keep"
-        self._paired_hash = (
+        # PAIRED's sha256 on a second thread from the start, when a certificate names it: the weights stage uses
+        # the same job for PLAIN's recorded source, so PAIRED is hashed once
+        self.paired_hash = (
             HashJob(paired.ck.files, opener=paired.ck.open_pinned)
             if paired is not None and (certificate is not None or certificate_out is not None)
             else None
-        )  # PAIRED's sha256, on a second thread from the start: a certificate names it
+        )
 
     def paired_digest(self) -> str:
         """PAIRED's sha256 (with a certificate to write or cross-check)."""
-        assert self._paired_hash is not None
-        return self._paired_hash.result()
+        assert self.paired_hash is not None
+        return self.paired_hash.result()
 
     # ---- the architecture without weights ------------------------------------------------------------------
     def skeleton(self) -> nn.Module:

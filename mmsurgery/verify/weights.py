@@ -31,7 +31,17 @@ from mmsurgery.verify.report import StageResult
 if TYPE_CHECKING:
     from mmsurgery.verify.context import RunContext
 
-__all__ = ["TensorDiff", "WeightsResult", "check_weights", "compare_bits", "run"]
+__all__ = [
+    "HeaderCheck",
+    "TensorDiff",
+    "WeightsResult",
+    "check_headers",
+    "check_weights",
+    "compare_bits",
+    "name_list",
+    "run",
+    "source_problem",
+]
 
 _LISTED = 20
 _CHUNK = 1 << 22  # elements per step of the integer work on a differing tensor (32 MB of int64 per temporary)
@@ -210,9 +220,9 @@ class HeaderCheck:
         """One line per kind of mismatch, naming `reference` ("the fold", "the certified fold")."""
         out = []
         if self.missing:
-            out.append(f"{len(self.missing)} tensor(s) of {reference} missing: {_names(self.missing)}")
+            out.append(f"{len(self.missing)} tensor(s) of {reference} missing: {name_list(self.missing)}")
         if self.unexpected:
-            out.append(f"{len(self.unexpected)} tensor(s) {reference} does not make: {_names(self.unexpected)}")
+            out.append(f"{len(self.unexpected)} tensor(s) {reference} does not make: {name_list(self.unexpected)}")
         if self.shapes:
             s = self.shapes[0]
             out.append(
@@ -261,9 +271,21 @@ def _clip(items: list[Any]) -> list[Any]:
     return items[:_LISTED]
 
 
-def _names(items: list[str]) -> str:
+def name_list(items: Sequence[str]) -> str:
+    """The first three names and how many there are in all, for a one-line message."""
     more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
     return ", ".join(items[:3]) + more
+
+
+def source_problem(recorded: str | None, digest: str, whose: str) -> str | None:
+    """Why PLAIN's recorded source (`fold --source-hash`: `mmsurgery.source_sha256`) is not the PAIRED it is gated
+    against (`digest`, described as `whose`), or None: PLAIN records no source, or the right one."""
+    if recorded is None or recorded == digest:
+        return None
+    return (
+        f"PLAIN records that it was folded from another file: its {SOURCE_KEY} is {recorded[:16]}…, {whose} is "
+        f"{digest[:16]}…"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,7 +307,9 @@ def run(ctx: RunContext) -> WeightsResult:
     assert ctx.paired is not None
     collect = ctx.certificate_out is not None or ctx.certificate is not None
     digests: list[TensorDigest] | None = [] if collect else None
-    result = check_weights(ctx.plain_ck, ctx.paired, ctx.options.weights_ulps, digests=digests)
+    result = check_weights(
+        ctx.plain_ck, ctx.paired, ctx.options.weights_ulps, digests=digests, paired_hash=ctx.paired_hash
+    )
     ctx.fold_digests, ctx.fold_dtype = digests, str(result.numbers.get("fold_dtype", "keep"))
     return result
 
@@ -296,6 +320,7 @@ def check_weights(
     max_ulps: int = 0,
     *,
     digests: list[TensorDigest] | None = None,
+    paired_hash: HashJob | None = None,
 ) -> WeightsResult:
     """Compare PLAIN with the fold of PAIRED, tensor by tensor (see the module docstring). Raises `FoldError`
     (bad input) when PAIRED cannot be folded at all.
@@ -305,11 +330,14 @@ def check_weights(
     even when every tensor matches (PLAIN claims another origin than the file it is gated against).
 
     `digests`, a list, receives the name, dtype, shape and sha256 of every expected tensor compared (the fold of
-    PAIRED as computed here, never PLAIN's): what a certificate records."""
+    PAIRED as computed here, never PLAIN's): what a certificate records. `paired_hash`: PAIRED's sha256 already
+    being computed (the run context's, when a certificate needs it too), so PAIRED is never hashed twice."""
     if not isinstance(paired, PairedCheckpoint):
         paired = paired_view(paired)
     recorded = plain.metadata.get(SOURCE_KEY)
-    hashing = HashJob(paired.ck.files, opener=paired.ck.open_pinned) if recorded else None
+    hashing = paired_hash
+    if hashing is None and recorded is not None:
+        hashing = HashJob(paired.ck.files, opener=paired.ck.open_pinned)
     dtype = _fold_dtype(plain, paired)
     source = plain_tensors(paired, dtype)
     expected: dict[str, TensorInfo] = {s.name: s for s in source.specs}
@@ -341,14 +369,11 @@ def check_weights(
         **headers.to_json(),
         "compared": f"PLAIN vs `mmsurgery fold --dtype {dtype}` of PAIRED, tensor by tensor",
     }
-    digest = hashing.result() if hashing is not None else None
-    numbers["source_sha256"] = {"recorded": recorded, "paired": digest} if hashing is not None else None
+    digest = hashing.result() if hashing is not None and recorded is not None else None
+    numbers["source_sha256"] = {"recorded": recorded, "paired": digest} if digest is not None else None
     problems: list[str] = []
-    if digest is not None and digest != recorded:
-        problems.append(
-            f"PLAIN records that it was folded from another file: its {SOURCE_KEY} is {str(recorded)[:16]}…, "
-            f"PAIRED's sha256 is {digest[:16]}…"
-        )
+    if digest is not None and (why := source_problem(recorded, digest, "PAIRED's sha256")):
+        problems.append(why)
     if diffs:
         worst = max(diffs, key=lambda d: (d.ulps is None, d.ulps or 0))
         more = f" ({len(diffs)} tensors differ, worst first)" if len(diffs) > 1 else ""
