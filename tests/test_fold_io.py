@@ -162,3 +162,33 @@ def test_sharded_input_digest_and_bytes(tmp_path) -> None:
     _check_file(res.output, names, ref)
     lines = "".join(f"{s} {_sha(folder / s)}\n" for s in shards)
     assert res.sha256 == hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_a_folded_file_keeps_exactly_the_documented_metadata(tmp_path) -> None:
+    """docs/formats.md: a folded file keeps the paired file's non-`mmsurgery` entries, plans, `mmsurgery.vit` and
+    input digests, and adds format/version/scales (+ source with --source-hash); nothing else is carried, not
+    `init_scale`, `scale_mode` or an unknown `mmsurgery.*` key, and never a stale `source_sha256`."""
+    from safetensors import safe_open
+
+    paired = _trained(tmp_path)
+    with safe_open(paired, "pt") as f:
+        meta = dict(f.metadata())
+    assert {"mmsurgery.init_scale", "mmsurgery.target_sha256", "mmsurgery.aux_sha256"} <= set(meta)
+    stale = {**meta, "mmsurgery.unknown": "x", SOURCE_KEY: "0" * 64, "owner": "lab"}
+    save_file(load_file(paired), tmp_path / "stale.safetensors", metadata=stale)
+    res = fold_file(tmp_path / "stale.safetensors", tmp_path / "plain.safetensors", source_hash=True)
+    with safe_open(res.output, "pt") as f:
+        folded = dict(f.metadata())
+    carried = {k: meta[k] for k in ("mmsurgery.plan", "mmsurgery.target_sha256", "mmsurgery.aux_sha256")}
+    assert {k: folded[k] for k in carried} == carried and folded["owner"] == "lab"
+    assert set(folded) == {
+        "format",
+        "owner",
+        FORMAT_KEY,
+        VERSION_KEY,
+        SCALES_KEY,
+        SOURCE_KEY,
+        *carried,
+        *({"mmsurgery.vit"} & set(meta)),
+    }
+    assert folded[SOURCE_KEY] == _sha(tmp_path / "stale.safetensors") == res.sha256
